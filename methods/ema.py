@@ -1,0 +1,60 @@
+"""EMA vector quantization (van den Oord et al. 2017, appendix; Razavi et al. 2019), on vector-quantize-pytorch.
+
+The codebook is not trained by gradients: each code moves to an exponential moving average (decay 0.99) of
+the encoder outputs assigned to it. The only aux loss is commitment_weight * |z - sg(e)|^2.
+Every argument of the library that selects behaviour is named below, because its defaults (rotation trick
+on, decay 0.8) are not the published method's and change between releases.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from vector_quantize_pytorch import VectorQuantize
+
+from methods.base import Quantizer, QuantizerOutput
+from methods.registry import register
+
+
+class LibraryVQ(Quantizer):
+    """A vector-quantize-pytorch `VectorQuantize` behind the contract; subclasses choose its arguments."""
+
+    def __init__(self, dim: int, codebook_size: int, **vq_arguments):
+        super().__init__()
+        self.dim, self.codebook_size = dim, codebook_size
+        self.vq = VectorQuantize(dim=dim, codebook_size=codebook_size, accept_image_fmap=True, **vq_arguments)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            quantized, indices, aux = self.vq(z.float())  # (B, D, H, W), (B, H, W), (1,)
+            err = (quantized.detach() - z.detach().float()).pow(2).mean()
+        return QuantizerOutput(quantized.to(z.dtype), indices, aux.sum(), err)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        return self.vq.get_output_from_indices(indices)  # (B, H, W) -> (B, D, H, W) with accept_image_fmap
+
+    def export_codebook(self) -> Tensor:
+        return self.vq.codebook.detach().clone()
+
+
+@register("ema")
+class EMAVQ(LibraryVQ):
+    def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment_weight: float = 0.25):
+        super().__init__(
+            dim,
+            codebook_size,
+            decay=decay,
+            commitment_weight=commitment_weight,
+            ema_update=True,
+            learnable_codebook=False,
+            rotation_trick=False,
+            straight_through=False,
+            use_cosine_sim=False,
+            kmeans_init=False,
+            threshold_ema_dead_code=0,
+            stochastic_sample_codes=False,
+            orthogonal_reg_weight=0.0,
+            codebook_diversity_loss_weight=0.0,
+            affine_param=False,
+            sync_update_v=0.0,
+            eps=1e-5,
+        )

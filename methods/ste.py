@@ -1,0 +1,90 @@
+"""Straight-through vector quantization (van den Oord et al. 2017, "Neural Discrete Representation Learning").
+
+`ste`:    nearest code by squared L2, straight-through gradient to the encoder,
+          aux loss = codebook_weight * |sg(z) - e|^2 + commitment_weight * |z - sg(e)|^2.
+`ste-ln`: the same, after the 1x1 projection and LayerNorm that MQ puts before its search: the control that
+          separates MQ's meta-objective from its normalization.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Quantizer, QuantizerOutput, from_rows, nearest_code, to_rows
+from methods.registry import register
+
+
+class LayerNormProjection(nn.Module):
+    """1x1 convolution then LayerNorm over channels, applied to a (B, D, H, W) map."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, z: Tensor) -> Tensor:
+        z = self.proj(z)
+        return self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def straight_through_vq(
+    z: Tensor, codebook: Tensor, codebook_weight: float, commitment_weight: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Nearest-code quantization of z (B, D, H, W) with codebook (K, D).
+
+    Returns (quantized with straight-through gradient, indices (B, H, W), aux loss, quantization error).
+    The search and losses run in float32 whatever the autocast dtype: argmin over bf16 distances flips codes.
+    """
+    z32 = z.float()
+    rows = to_rows(z32)  # (N, D)
+    with torch.autocast(z.device.type, enabled=False):
+        codebook = codebook.float()
+        idx = nearest_code(rows.detach(), codebook.detach())  # (N,)
+        chosen = codebook[idx]  # (N, D)
+        codebook_loss = (chosen - rows.detach()).pow(2).mean()
+        commitment_loss = (rows - chosen.detach()).pow(2).mean()
+    quantized_rows = rows + (chosen - rows).detach()
+    quantized = from_rows(quantized_rows, z.shape).to(z.dtype)
+    aux = codebook_weight * codebook_loss + commitment_weight * commitment_loss
+    indices = idx.reshape(z.shape[0], z.shape[2], z.shape[3])
+    return quantized, indices, aux, commitment_loss.detach()
+
+
+class StraightThroughVQ(Quantizer):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_weight: float = 1.0,
+        commitment_weight: float = 0.25,
+        layernorm: bool = False,
+    ):
+        super().__init__()
+        self.dim, self.codebook_size = dim, codebook_size
+        self.codebook_weight, self.commitment_weight = codebook_weight, commitment_weight
+        self.pre = LayerNormProjection(dim) if layernorm else nn.Identity()
+        self.codebook = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        z = self.pre(z)
+        quantized, indices, aux, err = straight_through_vq(
+            z, self.codebook.weight, self.codebook_weight, self.commitment_weight
+        )
+        return QuantizerOutput(quantized, indices, aux, err)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        return self.codebook(indices).permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
+
+    def export_codebook(self) -> Tensor:
+        return self.codebook.weight.detach().clone()
+
+
+@register("ste")
+def ste(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
+    return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=False)
+
+
+@register("ste-ln")
+def ste_ln(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
+    return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=True)
