@@ -9,8 +9,9 @@ This module imports nothing from bench/: the training step a method may replace 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +44,13 @@ class TrainContext:
     training batch from a seeded stream of its own whose position the harness checkpoints.
     """
 
-    model: nn.Module
+    model: nn.Module  # has preprocess(uint8) -> float input, encode(x) -> z (B, D, h, w), quantizer, decode(z_q)
     loss_fn: Callable[[Tensor], tuple[Tensor, QuantizerOutput]]
     optimizer: torch.optim.Optimizer  # the autoencoder's optimizer (encoder, decoder, autoencoder_parameters())
     draw_batch: Callable[[], Tensor]
     step: int = 0  # the harness sets this before each call: index of the step about to run
     total_steps: int = 0
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext  # the run's mixed-precision context
 
 
 def standard_step(ctx: TrainContext, images: Tensor) -> StepResult:

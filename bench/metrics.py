@@ -1,0 +1,110 @@
+"""Reconstruction and codebook metrics over a whole split, in one pass, with one host sync at the end.
+
+Codebook statistics come from ONE histogram of code indices over every latent position of the split:
+perplexity = exp(entropy of that histogram), usage = fraction of the K codes hit at least once. An average
+of per-batch perplexities is a different, smaller number and is never reported as `perplexity`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+from torch import Tensor
+
+
+def codebook_stats(histogram: Tensor) -> dict[str, float]:
+    """histogram: (K,) counts of each code -> perplexity, usage (fraction of K), dead_codes (count)."""
+    counts = histogram.double()
+    total = counts.sum()
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    used = int((counts > 0).sum())
+    return {
+        "perplexity": float(entropy.exp()),
+        "usage": used / histogram.numel(),
+        "dead_codes": histogram.numel() - used,
+    }
+
+
+@dataclass
+class SplitEvaluation:
+    metrics: dict[str, float]
+    histogram: Tensor  # (K,) int64 on the CPU
+    reconstructions: Tensor | None = None  # uint8 (N, 3, H, W) on the CPU, when asked for
+    extra: dict = field(default_factory=dict)
+
+
+def to_uint8(x01: Tensor) -> Tensor:
+    return x01.mul(255.0).round_().to(torch.uint8)
+
+
+@torch.no_grad()
+def evaluate_split(
+    model,
+    images: Tensor,
+    codebook_size: int,
+    batch_size: int = 500,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    keep_reconstructions: bool = False,
+    ssim: bool = False,
+) -> SplitEvaluation:
+    """Reconstruct every image of a uint8 split (N, 3, H, W) and measure it. The model is left as it was."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    histogram = torch.zeros(codebook_size, dtype=torch.int64, device=device)
+    squared_error = torch.zeros((), dtype=torch.float64, device=device)
+    psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
+    quant_error = torch.zeros((), dtype=torch.float64, device=device)
+    reconstructions = []
+    ssim_metric = None
+    if ssim:
+        from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+        ssim_metric = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        with autocast():
+            recon, out = model(model.preprocess(batch))
+        fake = model.postprocess(recon)  # float32 in [0, 1]
+        real = batch.float() / 255.0
+        per_image = (fake - real).pow(2).flatten(1).mean(1).double()  # (B,)
+        squared_error += per_image.sum()
+        psnr_sum += (10.0 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum()
+        quant_error += out.quant_error.double() * len(batch)
+        histogram += torch.bincount(out.indices.flatten(), minlength=codebook_size)
+        if ssim_metric is not None:
+            ssim_metric.update(fake, real)
+        if keep_reconstructions:
+            reconstructions.append(to_uint8(fake).cpu())
+    model.train(was_training)
+    n = len(images)
+    metrics = {
+        "mse": float(squared_error) / n,
+        "psnr": float(psnr_sum) / n,
+        "quant_error": float(quant_error) / n,
+        **codebook_stats(histogram.cpu()),
+    }
+    if ssim_metric is not None:
+        metrics["ssim"] = float(ssim_metric.compute())
+    return SplitEvaluation(
+        metrics, histogram.cpu(), torch.cat(reconstructions) if keep_reconstructions else None
+    )
+
+
+def mean_batch_perplexity(indices: Tensor, codebook_size: int) -> float:
+    """The per-batch figure shown in the progress bar; named as such, never stored as `perplexity`."""
+    return codebook_stats(torch.bincount(indices.flatten(), minlength=codebook_size))["perplexity"]
+
+
+PROTOCOL_METRICS = (
+    "mse", "psnr", "ssim", "perplexity", "usage", "dead_codes", "quant_error",
+    "rfid", "kid", "lpips", "gfid", "prior_bits_per_code",
+)
+
+
+def is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,75 @@
+"""Models: an encoder, a quantizer adapter and a decoder, plus the model's own task loss.
+
+`build_model(spec)` looks the model up by name; adding a model is one module plus one entry in MODELS.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench import UserError
+from bench.models.vqvae import Decoder, Encoder
+from methods import Quantizer, QuantizerOutput, create_method
+
+
+class VQModel(nn.Module):
+    """encoder -> quantizer adapter -> decoder. Images enter as uint8 and are scaled to [-1, 1]."""
+
+    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, recon_loss: str = "mse"):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.recon_loss = recon_loss
+
+    @staticmethod
+    def preprocess(images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) in [0, 255] -> float (B, C, H, W) in [-1, 1]."""
+        return images.float().div_(127.5).sub_(1.0)
+
+    @staticmethod
+    def postprocess(x: Tensor) -> Tensor:
+        """float in [-1, 1] -> float in [0, 1], clamped."""
+        return x.float().add(1.0).mul_(0.5).clamp_(0.0, 1.0)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        return self.decoder(z_q)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, QuantizerOutput]:
+        out = self.quantizer(self.encode(x))
+        return self.decode(out.quantized), out
+
+    def task_loss(self, images: Tensor) -> tuple[Tensor, QuantizerOutput]:
+        """The generator objective every method trains on: reconstruction + the method's aux loss."""
+        x = self.preprocess(images)
+        recon, out = self(x)
+        if self.recon_loss == "l1":
+            rec = F.l1_loss(recon.float(), x)
+        else:
+            rec = F.mse_loss(recon.float(), x)
+        return rec + out.aux_loss, out
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        """What the autoencoder optimizer trains: encoder, decoder and the quantizer's share (its statement)."""
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quantizer.autoencoder_parameters()]
+
+
+def build_vqvae(spec, quantizer: Quantizer) -> VQModel:
+    args = dict(width=spec.width, res_blocks=spec.res_blocks, res_width=spec.res_width,
+                code_dim=spec.code_dim, downsample=spec.downsample)
+    return VQModel(Encoder(**args), quantizer, Decoder(**args), spec.recon_loss)
+
+
+MODELS: dict[str, Callable] = {"vqvae": build_vqvae}
+
+
+def build_model(spec) -> VQModel:
+    """The model of a RunSpec with its quantizer adapter, on the CPU, initialized from the global torch RNG."""
+    if spec.model not in MODELS:
+        raise UserError(f"unknown model {spec.model!r}; valid models: {', '.join(sorted(MODELS))}")
+    quantizer = create_method(spec.method, dim=spec.code_dim, codebook_size=spec.codebook_size, **spec.method_options)
+    return MODELS[spec.model](spec, quantizer)
