@@ -41,6 +41,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="results directory for records (default results/)")
     p.add_argument("--scratch", default="runs", help="working files: checkpoints (default runs/)")
     p.add_argument("--launcher", default="inline", help=f"one of {', '.join(LAUNCHERS)}")
+    slurm = p.add_argument_group("SLURM (--launcher slurm; also local where it applies)")
+    slurm.add_argument("--slurm-preset", help="a cluster preset in slurm/ (e.g. local) or a .toml path")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--gpus-per-node", type=int)
+    slurm.add_argument("--cpus-per-task", type=int)
+    slurm.add_argument("--mem-gb", type=int, help="memory per job (default 4; each job imports torch)")
+    slurm.add_argument("--time", type=int, dest="time_min", help="time limit in minutes")
+    slurm.add_argument("--array-parallelism", type=int, help="at most this many array elements at once")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra #SBATCH option")
+    slurm.add_argument("--no-wait", action="store_true", help="submit, print the job ids and return")
     p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1")
     p.add_argument("--amp", help="auto (bf16 on GPU), off, bf16, fp16")
     p.add_argument("--threads", help="torch CPU threads (0: torch's default)")
@@ -126,6 +139,19 @@ def check_buildable(specs: list[RunSpec]) -> None:
         load_dataset(spec.dataset, spec.data_root, spec.download)
 
 
+def cluster_flags(args: argparse.Namespace) -> dict:
+    flags = {k: getattr(args, k) for k in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min",
+                                           "array_parallelism", "account", "qos", "constraint")}
+    extra = {}
+    for item in args.sbatch:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--sbatch takes KEY=VALUE (e.g. --sbatch exclude=node3), got {item!r}")
+        extra[key.lstrip("-")] = value
+    flags["sbatch"] = extra or None
+    return flags
+
+
 def print_list() -> None:
     print("methods: ", ", ".join(list_methods()))
     print("datasets:", ", ".join(list_datasets()))
@@ -145,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = build_specs(args)
         check_buildable(specs)
         out, scratch = Path(args.out), Path(args.scratch)
-        paths = LAUNCHERS[args.launcher](specs, out, scratch, vars(args))
+        options = {**vars(args), "cluster_flags": cluster_flags(args)}
+        paths = LAUNCHERS[args.launcher](specs, out, scratch, options)
         if paths:
             from bench.report import records_table
             from bench.records import load_records
@@ -154,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             frame = frame[frame["path"].isin([str(p) for p in paths])]
             print(records_table(frame))
             print(f"\n{len(paths)} record(s) in {out}; `python -m bench.report {out}` for tables and figures")
+        if len(paths) < len(specs) and not args.no_wait:
+            return 1  # some runs failed; the summary above names them
     except (UserError, MethodError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

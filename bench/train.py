@@ -81,6 +81,13 @@ class Trainer:
         self.train(self.spec.steps)
         return self.finish()
 
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on preemption or timeout: requeue a fresh Trainer, which resumes from the last
+        checkpoint on disk (saving here, from a signal handler mid-step, could capture half a step)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(Trainer(self.spec, self.out_dir, self.scratch_dir, progress=False))
+
     # --- setup ------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -106,7 +113,7 @@ class Trainer:
             model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer, draw_batch=self.draw_extra_batch,
             total_steps=spec.steps, autocast=self.autocast,
         )
-        self.step, self.extra_position, self.train_seconds, self.previous_wall = 0, 0, 0.0, 0.0
+        self.step, self.extra_position, self.train_seconds, self.previous_wall, self.resumes = 0, 0, 0.0, 0.0, 0
         self.curves: list[dict] = []
         if self.checkpoint_path.exists():
             self.load_checkpoint()
@@ -178,6 +185,7 @@ class Trainer:
             "curves": self.curves,
             "train_seconds": self.train_seconds,
             "wall_seconds": self.previous_wall + time.perf_counter() - self.started,
+            "resumes": self.resumes,
         }
         path = self.checkpoint_path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +206,7 @@ class Trainer:
         self.step, self.extra_position = state["step"], state["extra_position"]
         self.curves, self.train_seconds = state["curves"], state["train_seconds"]
         self.previous_wall = state["wall_seconds"]
+        self.resumes = state["resumes"] + 1
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
@@ -215,6 +224,7 @@ class Trainer:
             "train_s": self.train_seconds,
             "train_images_per_s": spec.steps * spec.batch_size / max(self.train_seconds, 1e-9),
             "eval_s": eval_seconds,
+            "resumes": self.resumes,
             "peak_mem_mb": peak_memory_mb(self.device),
             "params_autoencoder": count(self.model.autoencoder_parameters()),
             "params_method": count(self.quantizer.method_parameters()),
