@@ -102,6 +102,7 @@ class Trainer:
         torch.manual_seed(spec.seed)
         self.model = build_model(spec).to(self.device)
         self.quantizer = self.model.quantizer
+        self.model.setup_training(spec.steps)
         self.quantizer.setup_training(spec.steps)
         self.optimizer = torch.optim.AdamW(
             self.model.autoencoder_parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
@@ -140,7 +141,9 @@ class Trainer:
                 group["lr"] = spec.lr * lr_factor(self.step, spec.warmup_steps, spec.steps)
             images = self.data.train[self.train_stream(self.step)]
             self.ctx.step = self.step
-            result = self.quantizer.training_step(self.ctx, images)
+            model.before_step(self.step)
+            result = self.quantizer.training_step(self.ctx, images)  # the method's update rule
+            model.after_step(images)  # the model's own step (VQGAN's discriminator), whatever the method
             self.step += 1
             bar.update(1)
             if self.progress and (self.step % LOG_EVERY == 0 or self.step == until):
@@ -179,6 +182,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method": self.quantizer.training_state(),
+            "model_training": self.model.training_state(),
             "extra_position": self.extra_position,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
@@ -200,6 +204,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.quantizer.load_training_state(state["method"])
+            self.model.load_training_state(state["model_training"])
         except Exception as error:
             raise UserError(f"checkpoint {path} is corrupt or unusable ({type(error).__name__}: {error}); "
                             f"delete it to start this run over: rm {path}") from None

@@ -53,6 +53,24 @@ class VQModel(nn.Module):
             rec = F.mse_loss(recon.float(), x)
         return rec + out.aux_loss, out
 
+    # --- the model's own training hooks; the harness calls them for every model, VQGAN fills them in ----------
+
+    def setup_training(self, total_steps: int) -> None:
+        """Build the model's own optimizers (VQGAN: the discriminator's) once before training."""
+
+    def before_step(self, step: int) -> None:
+        """Called before the method's step, with the index of the step about to run (warm-ups read it)."""
+
+    def after_step(self, images: Tensor) -> None:
+        """Runs after the method's step, whatever the method: VQGAN's discriminator step goes here."""
+
+    def training_state(self) -> dict:
+        """State outside state_dict that a checkpoint must keep (the discriminator's optimizer, say)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        pass
+
     def autoencoder_parameters(self) -> list[nn.Parameter]:
         """What the autoencoder optimizer trains: encoder, decoder and the quantizer's share (its statement)."""
         return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quantizer.autoencoder_parameters()]
