@@ -10,7 +10,8 @@ def evaluate_test(model, data, spec, autocast) -> tuple[dict, dict, dict]:
                             keep_reconstructions=True, ssim=True)
     metrics = {name: None for name in PROTOCOL_METRICS}
     null_reasons: dict[str, str] = {}
-    info: dict = {"test_images": len(data.test), "code_histogram": result.histogram.tolist()}
+    info: dict = {"test_images": len(data.test), "code_histogram": result.histogram.tolist(),
+                  "reconstructions": result.reconstructions}
     metrics.update(result.metrics)
 
     null_reasons["rfid"] = null_reasons["kid"] = "FID is not part of this build yet"

@@ -216,6 +216,24 @@ class Trainer:
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
 
+    @property
+    def samples_path(self) -> Path:
+        return self.record_path.with_suffix(".samples.npz")
+
+    def save_samples(self, reconstructions: torch.Tensor, count: int = 8) -> None:
+        """The first test images and their reconstructions, beside the record, for the report's figures."""
+        import io
+
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, original=self.data.test[:count].cpu().numpy(),
+                            reconstruction=reconstructions[:count].numpy())
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.samples_path.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, self.samples_path)  # written before the record: a record always has its samples
+
     # --- the record -------------------------------------------------------------------------------------
 
     def finish(self) -> Path:
@@ -223,6 +241,7 @@ class Trainer:
         eval_start = time.perf_counter()
         metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast)
         eval_seconds = time.perf_counter() - eval_start
+        self.save_samples(eval_info.pop("reconstructions"))
         count = lambda params: sum(p.numel() for p in params)  # noqa: E731
         cost = {
             "wall_s": self.previous_wall + time.perf_counter() - self.started,
