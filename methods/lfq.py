@@ -1,0 +1,104 @@
+"""Lookup-free quantization (Yu et al. 2024, "Language Model Beats Diffusion: Tokenizer is Key to Visual
+Generation", MAGVIT-v2), on vector-quantize-pytorch's LFQ.
+
+`lfq`: a linear projection (by the library, dim=D) maps the encoder output to log2(K) channels; each channel is
+quantized to its sign, -1 or +1, with a straight-through gradient, and the bits read as a binary number are the
+code index. The implicit codebook is {-1, 1}^log2(K), so K must be a power of two. The aux loss is
+entropy_loss_weight * (per-sample entropy - diversity_gamma * entropy of the batch-averaged code distribution),
+both over a softmax of -distance * inv_temperature to all K codes, plus commitment_loss_weight * |x - sg(sign x)|^2.
+Defaults: MAGVIT-v2's entropy weight 0.1 and the usual commitment weight 0.25. The entropy term is a
+difference of entropies, so the aux loss is typically negative.
+
+quant_error: mean |x - sign(x)|^2 in the projected log2(K)-dimensional code space, where the "search" happens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from vector_quantize_pytorch import LFQ
+
+from methods.base import Quantizer, QuantizerOutput
+from methods.registry import MethodError, register
+
+
+def bits_for(codebook_size: int) -> int:
+    if codebook_size < 2 or codebook_size & (codebook_size - 1):
+        lower = 1 << max(codebook_size.bit_length() - 1, 1)
+        raise MethodError(
+            f"lfq needs a codebook size that is a power of two (its codes are all sign patterns of log2(K) bits), "
+            f"got {codebook_size}; pass --codebook-size {lower} or {lower * 2}"
+        )
+    return codebook_size.bit_length() - 1
+
+
+class LookupFreeQuantizer(Quantizer):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        entropy_loss_weight: float = 0.1,
+        commitment_loss_weight: float = 0.25,
+        diversity_gamma: float = 1.0,
+        inv_temperature: float = 100.0,
+    ):
+        super().__init__()
+        self.bits = bits_for(codebook_size)
+        self.dim, self.codebook_size = dim, codebook_size
+        self.inv_temperature = inv_temperature
+        self.lfq = LFQ(
+            dim=dim,
+            codebook_size=codebook_size,
+            entropy_loss_weight=entropy_loss_weight,
+            commitment_loss_weight=commitment_loss_weight,
+            diversity_gamma=diversity_gamma,
+            straight_through_activation=nn.Identity(),
+            num_codebooks=1,
+            keep_num_codebooks_dim=False,
+            codebook_scale=1.0,
+            frac_per_sample_entropy=1.0,  # every position enters the per-sample entropy (below 1: a random subset)
+            has_projections=dim != self.bits,
+            projection_has_bias=True,
+            soft_clamp_input_value=None,
+            cosine_sim_project_in=False,
+            channel_first=True,
+            experimental_softplus_entropy_loss=False,
+            entropy_loss_offset=5.0,  # only used by the softplus variant, which is off
+            spherical=False,
+            force_quantization_f32=True,
+            orthogonal_rotation=False,
+        )
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            (quantized, indices, aux), breakdown = self.lfq(
+                z.float(), inv_temperature=self.inv_temperature, return_loss_breakdown=True
+            )  # (B, D, H, W), (B, H, W) int32, scalar
+            with torch.no_grad():
+                x = self.lfq.project_in(z.detach().float().permute(0, 2, 3, 1))  # (B, H, W, bits)
+                err = (x - torch.where(x > 0, 1.0, -1.0)).pow(2).mean()
+        diagnostics = {
+            "per_sample_entropy": breakdown.per_sample_entropy.detach(),
+            "batch_entropy": breakdown.batch_entropy.detach(),
+        }
+        return QuantizerOutput(quantized.to(z.dtype), indices.long(), aux, err, diagnostics)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        return self.lfq.indices_to_codes(indices)  # (B, H, W) -> (B, D, H, W)
+
+    def export_codebook(self) -> Tensor:
+        """The implicit codebook as the decoder sees it: (K, D)."""
+        return self.lfq.project_out(self.lfq.codebook).detach()
+
+
+@register("lfq")
+def lfq(
+    dim: int,
+    codebook_size: int,
+    entropy_loss_weight: float = 0.1,
+    commitment_loss_weight: float = 0.25,
+    diversity_gamma: float = 1.0,
+    inv_temperature: float = 100.0,
+):
+    return LookupFreeQuantizer(
+        dim, codebook_size, entropy_loss_weight, commitment_loss_weight, diversity_gamma, inv_temperature
+    )
