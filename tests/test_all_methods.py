@@ -1,0 +1,37 @@
+"""Every registered method runs through `bench.run` and lands a record with every metric of the protocol."""
+import json
+import math
+
+import pytest
+
+from bench.metrics import PROTOCOL_METRICS
+from bench.records import RECORD_KEYS
+from bench.run import main
+from methods import list_methods
+from tests.conftest import TINY
+
+METHODS = [m for m in list_methods() if not m.startswith("test-")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_runs_through_the_harness_to_a_full_record(method, dirs):
+    code = main(["--methods", method, "--steps", "4", "--set", "eval_every=2", *TINY, "--codebook-size", "256","--out", str(dirs["out"]),
+                 "--scratch", str(dirs["scratch"]), "--quiet"])
+    assert code == 0
+    (path,) = dirs["out"].rglob("*.json")
+    record = json.loads(path.read_text())
+    assert set(RECORD_KEYS) <= set(record)
+    assert record["spec"]["method"] == method
+    for name in PROTOCOL_METRICS:
+        assert name in record["metrics"], name
+        value = record["metrics"][name]
+        if value is None:
+            assert record["null_reasons"].get(name), f"{name} is null without a reason"
+        else:
+            assert math.isfinite(value), name
+    for name in ("mse", "psnr", "ssim", "perplexity", "usage", "dead_codes", "quant_error"):
+        assert record["metrics"][name] is not None, name
+    k = record["env"]["codebook_size"]
+    assert sum(record["env"]["code_histogram"]) > 0 and len(record["env"]["code_histogram"]) == k
+    assert record["metrics"]["dead_codes"] == k - round(record["metrics"]["usage"] * k)
+    assert [c["step"] for c in record["curves"]] == [2, 4]
