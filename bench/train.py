@@ -221,14 +221,15 @@ class Trainer:
         return self.record_path.with_suffix(".samples.npz")
 
     def save_samples(self, reconstructions: torch.Tensor, count: int = 8) -> None:
-        """The first test images and their reconstructions, beside the record, for the report's figures."""
+        """Test images spread over the split and their reconstructions, beside the record, for the figures."""
         import io
 
         import numpy as np
 
+        picks = torch.linspace(0, len(reconstructions) - 1, count).round().long()
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, original=self.data.test[:count].cpu().numpy(),
-                            reconstruction=reconstructions[:count].numpy())
+        np.savez_compressed(buffer, original=self.data.test[picks.to(self.data.test.device)].cpu().numpy(),
+                            reconstruction=reconstructions[picks].numpy())
         self.samples_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.samples_path.with_suffix(".tmp")
         tmp.write_bytes(buffer.getvalue())
