@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder holding the dataset (default $VQBENCH_DATA or ~/.cache/vq-bench/data)")
     p.add_argument("--download", action="store_true", default=None, help="fetch the dataset when online")
     p.add_argument("--model", help="model name (default vqvae)")
+    p.add_argument("--perceptual-weight", help="weight of the VQGAN perceptual (LPIPS) term; 0: none, no VGG needed")
     p.add_argument("--codebook-size", help="K, the same for every method")
     p.add_argument("--code-dim", help="D, the code dimension")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
@@ -54,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     slurm.add_argument("--constraint")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra #SBATCH option")
     slurm.add_argument("--no-wait", action="store_true", help="submit, print the job ids and return")
+    slurm.add_argument("--count", action="store_true",
+                       help="print the number of runs in the grid, then exit (for sbatch --array=0-<count-1>)")
+    slurm.add_argument("--array-index", type=int, metavar="I",
+                       help="run only the I-th run of the grid (0-based; methods in order, seeds within each "
+                            "method), as one element of your own sbatch array: see slurm/sbatch-example.sh")
     p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1")
     p.add_argument("--amp", help="auto (bf16 on GPU), off, bf16, fp16")
     p.add_argument("--threads", help="torch CPU threads (0: torch's default)")
@@ -116,7 +122,15 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
             values[key] = parse_value(text)
         else:
             raise UserError(f"--set {key}: no such setting; settings: {', '.join(sorted(fields))}")
-    values.setdefault("experiment", f"{values.get('dataset', 'photos')}-{values.get('model', 'vqvae')}")
+    if args.perceptual_weight is not None:  # after --set, so the flag wins over --set model_options=...
+        try:
+            weight = float(args.perceptual_weight)
+        except ValueError:
+            raise UserError(f"--perceptual-weight must be a number, got {args.perceptual_weight!r}") from None
+        values["model_options"] = {**(values.get("model_options") or {}), "perceptual_weight": weight}
+    head, _, folder = str(values.get("dataset", "photos")).partition(":")  # imagefolder:PATH -> its last part
+    dataset_label = f"{head}-{Path(folder).name}" if folder else head  # the experiment names a directory: no "/"
+    values.setdefault("experiment", f"{dataset_label}-{values.get('model', 'vqvae')}")
 
     seeds = [parse_int("--seeds", s) for s in args.seeds.split(",") if s.strip()]
     specs = []
@@ -137,6 +151,16 @@ def check_buildable(specs: list[RunSpec]) -> None:
         build_model(spec)
     for spec in {(s.dataset, s.data_root): s for s in specs}.values():
         load_dataset(spec.dataset, spec.data_root, spec.download)
+
+
+def pick_array_element(specs: list[RunSpec], index: int, launcher: str) -> RunSpec:
+    """The index-th RunSpec of the grid, for one element of a user's own sbatch array."""
+    if launcher != "inline":
+        raise UserError("--array-index runs one run in this process: use it with --launcher inline (the default)")
+    if not 0 <= index < len(specs):
+        raise UserError(f"--array-index {index} is outside the grid of {len(specs)} run(s) (0..{len(specs) - 1}); "
+                        f"`--count` prints the size for sbatch --array")
+    return specs[index]
 
 
 def cluster_flags(args: argparse.Namespace) -> dict:
@@ -169,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.launcher not in LAUNCHERS:
             raise UserError(f"unknown launcher {args.launcher!r}; valid launchers: {', '.join(LAUNCHERS)}")
         specs = build_specs(args)
+        if args.count:
+            print(len(specs))
+            return 0
+        if args.array_index is not None:
+            specs = [pick_array_element(specs, args.array_index, args.launcher)]
         check_buildable(specs)
         out, scratch = Path(args.out), Path(args.scratch)
         options = {**vars(args), "cluster_flags": cluster_flags(args)}

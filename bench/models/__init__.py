@@ -82,7 +82,9 @@ def build_vqvae(spec, quantizer: Quantizer) -> VQModel:
     return VQModel(Encoder(**args), quantizer, Decoder(**args), spec.recon_loss)
 
 
-MODELS: dict[str, Callable] = {"vqvae": build_vqvae}
+from bench.models.vqgan import build_vqgan  # noqa: E402  (it subclasses VQModel, defined above)
+
+MODELS: dict[str, Callable] = {"vqvae": build_vqvae, "vqgan": build_vqgan}
 
 
 def build_model(spec) -> VQModel:
