@@ -60,6 +60,7 @@ def bare_loop(trainer: Trainer, model=None):
     """A hand-written loop over a copy of the trainer's model: batches by slicing, the method's update rule."""
     model = model if model is not None else copy.deepcopy(trainer.model)
     optimizer = torch.optim.AdamW(model.autoencoder_parameters(), lr=trainer.spec.lr, betas=trainer.spec.betas)
+    model.setup_training(trainer.spec.steps)
     model.quantizer.setup_training(trainer.spec.steps)
     train, batch_size = trainer.data.train, trainer.spec.batch_size
     ctx = TrainContext(model=model, loss_fn=model.task_loss, optimizer=optimizer,
@@ -71,6 +72,7 @@ def bare_loop(trainer: Trainer, model=None):
         for _ in range(n):
             start = state["i"] * batch_size % (len(train) - batch_size)
             images = train[start:start + batch_size]
+            model.before_step(state["i"])
             if own_rule:
                 ctx.step = state["i"]
                 model.quantizer.training_step(ctx, images)
@@ -79,6 +81,7 @@ def bare_loop(trainer: Trainer, model=None):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            model.after_step(images)
             state["i"] += 1
     return run
 

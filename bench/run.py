@@ -147,7 +147,8 @@ def check_buildable(specs: list[RunSpec]) -> None:
     """Fail before any run starts: the model, every method's options and the data must be usable."""
     from bench.models import build_model
 
-    for spec in {(s.method, s.model, s.codebook_size, s.code_dim, repr(s.method_options)): s for s in specs}.values():
+    for spec in {(s.method, s.model, s.codebook_size, s.code_dim, repr(s.method_options), repr(s.model_options)): s
+                 for s in specs}.values():
         build_model(spec)
     for spec in {(s.dataset, s.data_root): s for s in specs}.values():
         load_dataset(spec.dataset, spec.data_root, spec.download)

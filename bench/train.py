@@ -126,7 +126,14 @@ class Trainer:
     def draw_extra_batch(self):
         images = self.data.train[self.extra_stream(self.extra_position)]
         self.extra_position += 1
+        self.prefetch(self.extra_stream, self.extra_position)
         return images
+
+    def prefetch(self, stream: IndexStream, position: int) -> None:
+        """Datasets streamed from disk start decoding a coming batch now; in-memory ones need nothing."""
+        prefetch = getattr(self.data.train, "prefetch", None)
+        if prefetch is not None:
+            prefetch(stream(position))
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -140,6 +147,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = spec.lr * lr_factor(self.step, spec.warmup_steps, spec.steps)
             images = self.data.train[self.train_stream(self.step)]
+            self.prefetch(self.train_stream, self.step + 1)
             self.ctx.step = self.step
             model.before_step(self.step)
             result = self.quantizer.training_step(self.ctx, images)  # the method's update rule
@@ -264,7 +272,7 @@ class Trainer:
             "null_reasons": null_reasons,
             "curves": self.curves,
             "env": {**environment(self.device), "codebook_size": self.quantizer.codebook_size,
-                    "export": self.quantizer.export_note(), **eval_info},
+                    "export": self.quantizer.export_note(), "model_note": self.model.record_note(), **eval_info},
         }
         write_record(self.record_path, record)
         return self.record_path

@@ -71,6 +71,10 @@ class VQModel(nn.Module):
     def load_training_state(self, state: dict) -> None:
         pass
 
+    def record_note(self) -> dict:
+        """What the record's env should say about the model (e.g. which perceptual weights were used)."""
+        return {}
+
     def autoencoder_parameters(self) -> list[nn.Parameter]:
         """What the autoencoder optimizer trains: encoder, decoder and the quantizer's share (its statement)."""
         return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quantizer.autoencoder_parameters()]
