@@ -7,7 +7,7 @@ from methods.base import QuantizerOutput, Quantizer, StepResult, TrainContext, s
 from methods.registry import MethodError, create_method, list_methods, method_options, register
 
 # importing a family registers its methods
-from methods import affine, cosine, cvq, ema, fsq, gumbel, lfq, rotation, simvq, ste  # noqa: E402,F401
+from methods import affine, cosine, cvq, ema, fsq, gumbel, lfq, mq, rotation, simvq, ste  # noqa: E402,F401
 
 __all__ = [
     "Quantizer", "QuantizerOutput", "StepResult", "TrainContext", "standard_step",

@@ -1,0 +1,496 @@
+"""Meta-Quantization (Qin and Zhang, ICML 2025, "Learning to Quantize for Training Vector-Quantized Networks").
+
+`mq`:     the codebook is generated, C = h_phi(E), from a learned (K, h) table E by a small hyper-net h_phi, and
+          recomputed at every forward pass, so one update of phi moves every code, used or not. The encoder
+          output passes a 1x1 projection and a LayerNorm (both part of the autoencoder), then the nearest-code
+          search (squared L2) with the straight-through estimator. The aux loss is
+          rate * (commitment_weight |z - sg(e)|^2 + codebook_weight |e - sg(z)|^2).
+          Training is bi-level (DESIGN.md section 6): the autoencoder theta takes the standard step on every
+          batch; every `outer_every` steps (E, phi) take one SGD step on the task loss of a further batch
+          (ctx.draw_batch()), through the hypergradient
+              g_phi = d_phi L_outer + [grad_phi L_inner(theta - eps v) - grad_phi L_inner(theta + eps v)] / (2 eps),
+              v = grad_theta L_outer,  eps = fd_radius / |v|,
+          evaluated at the already-updated theta, not multiplied by the inner learning rate, the inner step
+          kept: as the authors' code does.
+`mq-alt`: the ablation without the meta-objective: the same generated codebook on the same schedule, trained by
+          its direct gradient d_phi L_outer alone (only an encoder forward on the outer batch).
+
+Why the finite difference is not zero although autograd says the mixed derivative is: every path from phi to
+theta in the task loss passes a stop-gradient (decoder input z + sg(e - z), commitment term with sg(e),
+codebook term with sg(z)). grad_phi L_inner = (2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (e_{k_i} - z_i)
+still depends on theta through the *value* of z = LN(proj(enc_theta(x))); the finite difference measures that
+dependence along v. Its exact counterpart (`hypergrad="jvp"`) is
+    +(2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (J_z v)_i,
+a Jacobian-vector product through the encoder (valid while no code assignment changes within eps).
+
+After training the hyper-net can be dropped: `export_codebook()` materializes C and `export_quantizer()` builds a
+plain `ste-ln` module with the same projection, LayerNorm and fixed codebook that gives identical outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+from methods.base import (
+    Quantizer, QuantizerOutput, StepResult, TrainContext, from_rows, nearest_code, standard_step, to_rows,
+)
+from methods.registry import MethodError, register
+from methods.ste import LayerNormProjection, StraightThroughVQ
+
+HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh")
+HYPERGRADS = ("darts", "jvp", "unrolled")
+
+
+# --- the generated codebook ------------------------------------------------------------------------------------
+
+class HyperNetCodebook(nn.Module):
+    """C = h_phi(E): a (K, h) latent table E through a hyper-net h_phi to the (K, d) codebook.
+
+    Initialization as in the authors' code: E ~ N(0, 1) (nn.Embedding's default), PyTorch's default Linear init.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, latent_dim: int, hyper_net: str, mlp_hidden: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(codebook_size, latent_dim))  # E: (K, h)
+        if hyper_net == "identity":
+            self.net = nn.Identity()
+        elif hyper_net == "linear":
+            self.net = nn.Linear(latent_dim, dim)
+        elif hyper_net in ("mlp", "mlp-tanh"):
+            activation = nn.ReLU() if hyper_net == "mlp" else nn.Tanh()
+            self.net = nn.Sequential(nn.Linear(latent_dim, mlp_hidden), activation, nn.Linear(mlp_hidden, dim))
+        else:
+            raise MethodError(f"unknown hyper_net {hyper_net!r}; valid: {', '.join(HYPER_NETS)}")
+
+    def forward(self) -> Tensor:  # -> (K, d)
+        # the codes decide the argmin: generate them in full precision whatever the run's autocast
+        with torch.autocast(self.latents.device.type, enabled=False):
+            return self.net(self.latents)
+
+
+def quantize(
+    z: Tensor, codebook: Tensor, codebook_weight: float, commitment_weight: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Nearest-code quantization of z (B, D, H, W) with codebook (K, D), straight-through to z.
+
+    Returns (quantized (B, D, H, W), indices (B, H, W), aux loss, quant error, chosen codes (N, D)).
+    The same arithmetic as methods.ste.straight_through_vq (so an exported `ste-ln` module reproduces it bit for
+    bit), except that float64 stays float64: only half precision is lifted to float32 for the search.
+    """
+    work = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    rows = to_rows(work)  # (N, D)
+    with torch.autocast(z.device.type, enabled=False):
+        codebook = codebook.to(work.dtype)
+        idx = nearest_code(rows.detach(), codebook.detach())  # (N,)
+        chosen = codebook[idx]  # (N, D)
+        codebook_loss = (chosen - rows.detach()).pow(2).mean()
+        commitment_loss = (rows - chosen.detach()).pow(2).mean()
+    quantized_rows = rows + (chosen - rows).detach()
+    quantized = from_rows(quantized_rows, z.shape).to(z.dtype)
+    aux = codebook_weight * codebook_loss + commitment_weight * commitment_loss
+    indices = idx.reshape(z.shape[0], z.shape[2], z.shape[3])
+    return quantized, indices, aux, commitment_loss.detach(), chosen
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """No autocast and, on CUDA, no TF32 in convolutions and matmuls.
+
+    The finite difference compares two encoder outputs that differ by about 1e-4 relative (a parameter step of
+    norm fd_radius = 0.01): bf16 (3.9e-3) and TF32 (4.9e-4 relative rounding) would drown that difference.
+    """
+    with torch.autocast(device_type, enabled=False):
+        if device_type != "cuda":
+            yield
+            return
+        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        # torch >= 2.9 has per-backend fp32_precision and rejects mixing it with the legacy allow_tf32 flags
+        conv, flag = (cudnn.conv, "fp32_precision") if hasattr(cudnn, "conv") else (cudnn, "allow_tf32")
+        off = "ieee" if flag == "fp32_precision" else False
+        saved = getattr(conv, flag), getattr(matmul, flag)
+        setattr(conv, flag, off)
+        setattr(matmul, flag, off)
+        try:
+            yield
+        finally:
+            setattr(conv, flag, saved[0])
+            setattr(matmul, flag, saved[1])
+
+
+def unrolled_hypergradient(
+    inner_loss: Callable[[], Tensor],
+    outer_loss: Callable[[Sequence[Tensor]], Tensor],
+    theta: Sequence[Tensor],
+    phi: Sequence[Tensor],
+    inner_lr: float,
+) -> list[Tensor]:
+    """d/d phi of outer_loss(theta - inner_lr * grad_theta inner_loss(theta, phi), phi), by autograd.
+
+    inner_loss() evaluates the inner loss at the current theta (leaf tensors); outer_loss(updated) evaluates the
+    outer loss with theta replaced by `updated`. Both depend on phi (leaf tensors) however they like.
+    """
+    grads = torch.autograd.grad(inner_loss(), theta, create_graph=True, allow_unused=True)
+    updated = [t if g is None else t - inner_lr * g for t, g in zip(theta, grads)]
+    out = torch.autograd.grad(outer_loss(updated), phi, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(phi, out)]
+
+
+class _CallWith(nn.Module):
+    """Lets torch.func.functional_call swap a model's parameters for the duration of an arbitrary call."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+# --- the adapter -------------------------------------------------------------------------------------------------
+
+class MetaQuantizer(Quantizer):
+    """Generated codebook, LayerNorm'd search, straight-through estimator; bi-level training (meta=True) or the
+    direct-gradient ablation (meta=False). See the module docstring for the update rule."""
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        hyper_net: str,
+        latent_dim: int,
+        mlp_hidden: int,
+        rate: float,
+        commitment_weight: float,
+        codebook_weight: float,
+        outer_lr: float,
+        outer_momentum: float,
+        outer_warmup: float,
+        outer_every: int,
+        outer_accum: int,
+        meta: bool,
+        hypergrad: str = "darts",
+        fd_radius: float = 0.01,
+        hypergrad_fp32: bool = True,
+    ):
+        super().__init__()
+        if hyper_net not in HYPER_NETS:
+            raise MethodError(f"unknown hyper_net {hyper_net!r}; valid: {', '.join(HYPER_NETS)}")
+        if hyper_net == "identity" and latent_dim != dim:
+            raise MethodError(f"hyper_net='identity' needs latent_dim == code dim; pass latent_dim={dim} "
+                              f"(got {latent_dim})")
+        if hypergrad not in HYPERGRADS:
+            raise MethodError(f"unknown hypergrad {hypergrad!r}; valid: {', '.join(HYPERGRADS)}")
+        for name, value in (("latent_dim", latent_dim), ("mlp_hidden", mlp_hidden),
+                            ("outer_every", outer_every), ("outer_accum", outer_accum)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MethodError(f"option {name} must be a positive integer, got {value!r}")
+        if not 0.0 <= outer_warmup < 1.0:
+            raise MethodError(f"option outer_warmup is a fraction of the run in [0, 1), got {outer_warmup!r}")
+        if not (outer_lr > 0 and fd_radius > 0 and 0 <= outer_momentum < 1):
+            raise MethodError("options need outer_lr > 0, fd_radius > 0 and 0 <= outer_momentum < 1")
+        self.dim, self.codebook_size = dim, codebook_size
+        self.hyper_net, self.latent_dim = hyper_net, latent_dim
+        self.rate = rate
+        self.commitment_weight, self.codebook_weight = commitment_weight, codebook_weight
+        self.outer_lr, self.outer_momentum, self.outer_warmup = outer_lr, outer_momentum, outer_warmup
+        self.outer_every, self.outer_accum = outer_every, outer_accum
+        self.meta, self.hypergrad = meta, hypergrad
+        self.fd_radius, self.hypergrad_fp32 = fd_radius, hypergrad_fp32
+        self.pre = LayerNormProjection(dim)  # theta: trained by the autoencoder's optimizer
+        self.codebook_net = HyperNetCodebook(codebook_size, dim, latent_dim, hyper_net, mlp_hidden)  # (E, phi)
+        # the training state outside state_dict (setup_training builds the optimizer)
+        self.outer_optimizer: torch.optim.SGD | None = None
+        self.total_steps = 0
+        self.outer_steps = 0  # hyper-net updates taken
+        self.accum_count = 0  # outer evaluations summed into accum_grads since the last update
+        self.accum_grads: list[Tensor] | None = None
+
+    # --- the quantizer ------------------------------------------------------------------------------------------
+
+    def codebook(self) -> Tensor:
+        """The generated codebook C = h_phi(E), (K, d), with its graph to (E, phi)."""
+        return self.codebook_net()
+
+    def forward(self, z: Tensor) -> QuantizerOutput:  # z: (B, D, H, W)
+        z = self.pre(z)
+        quantized, indices, aux, err, _ = quantize(
+            z, self.codebook(), self.rate * self.codebook_weight, self.rate * self.commitment_weight
+        )
+        return QuantizerOutput(quantized, indices, aux, err)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        return self.codebook()[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
+
+    def method_parameters(self) -> list[nn.Parameter]:
+        return list(self.codebook_net.parameters())
+
+    # --- dropping the hyper-net -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def export_codebook(self) -> Tensor:
+        return self.codebook().detach().clone()
+
+    @torch.no_grad()
+    def export_quantizer(self) -> StraightThroughVQ:
+        """A plain `ste-ln` quantizer (same projection + LayerNorm, fixed codebook C) with identical indices,
+        quantized maps and aux loss; the hyper-net and E are not needed at inference."""
+        weight = self.pre.proj.weight
+        plain = StraightThroughVQ(self.dim, self.codebook_size, self.rate * self.codebook_weight,
+                                  self.rate * self.commitment_weight, layernorm=True)
+        plain = plain.to(device=weight.device, dtype=weight.dtype)
+        plain.pre.load_state_dict(self.pre.state_dict())
+        plain.codebook.weight.copy_(self.export_codebook())
+        return plain
+
+    def export_note(self) -> dict:
+        return {"codebook_exportable": True, "codebook_shape": [self.codebook_size, self.dim],
+                "generated_by": f"{self.hyper_net} hyper-net over a ({self.codebook_size}, {self.latent_dim}) table",
+                "plain_equivalent": "ste-ln with the exported codebook (MetaQuantizer.export_quantizer)"}
+
+    # --- training: setup and state ----------------------------------------------------------------------------
+
+    def setup_training(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.outer_optimizer = torch.optim.SGD(self.method_parameters(), lr=self.outer_lr,
+                                               momentum=self.outer_momentum)
+        self.outer_steps, self.accum_count, self.accum_grads = 0, 0, None
+
+    def training_state(self) -> dict:
+        return {"outer_optimizer": self._outer().state_dict(), "outer_steps": self.outer_steps,
+                "accum_count": self.accum_count,
+                "accum_grads": None if self.accum_grads is None else [g.clone() for g in self.accum_grads]}
+
+    def load_training_state(self, state: dict) -> None:
+        self._outer().load_state_dict(state["outer_optimizer"])
+        self.outer_steps, self.accum_count = state["outer_steps"], state["accum_count"]
+        grads = state["accum_grads"]
+        params = self.method_parameters()
+        self.accum_grads = None if grads is None else [g.to(p) for g, p in zip(grads, params)]
+
+    def _outer(self) -> torch.optim.SGD:
+        if self.outer_optimizer is None:
+            raise RuntimeError("call setup_training(total_steps) before training an MQ quantizer")
+        return self.outer_optimizer
+
+    def outer_lr_at(self, step: int) -> float:
+        """Linear warm-up over outer_warmup of the run, then cosine decay to zero at total_steps (inner steps)."""
+        if self.total_steps <= 0:  # no run length given: no schedule
+            return self.outer_lr
+        total = self.total_steps
+        warmup = self.outer_warmup * total
+        if step < warmup:
+            return self.outer_lr * step / warmup
+        progress = (step - warmup) / max(total - warmup, 1.0)
+        return self.outer_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    # --- training: the bi-level step --------------------------------------------------------------------------
+
+    def training_step(self, ctx: TrainContext, images: Tensor) -> StepResult:
+        with record_function("mq/inner"):
+            result = standard_step(ctx, images)  # exactly ste's step on exactly ste's batch
+            for p in self.method_parameters():  # the codebook term's gradient on (E, phi) is not the outer one
+                p.grad = None
+        if (ctx.step + 1) % self.outer_every == 0:
+            self.accumulate(self.outer_gradient(ctx, images))
+            if self.accum_count == self.outer_accum:
+                with record_function("mq/outer"):
+                    self.outer_update(ctx.step)
+        return result
+
+    def outer_gradient(self, ctx: TrainContext, inner_images: Tensor) -> list[Tensor]:
+        """The gradient (E, phi) receive for one outer evaluation at the current theta, one tensor per
+        method parameter. Draws one outer batch from ctx.draw_batch()."""
+        phi = self.method_parameters()
+        outer_images = ctx.draw_batch()
+        if not self.meta:
+            with record_function("mq/outer"):
+                return self.direct_gradient(ctx, outer_images)
+        if self.hypergrad == "unrolled":
+            with record_function("mq/hypergrad"):
+                return self.unrolled_gradient(ctx, inner_images, outer_images)
+        theta = self.theta(ctx)
+        with record_function("mq/outer"):
+            loss, _ = ctx.loss_fn(outer_images)
+            grads = torch.autograd.grad(loss, [*theta, *phi], allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip([*theta, *phi], grads)]
+            v, direct = grads[: len(theta)], grads[len(theta):]
+        with record_function("mq/hypergrad"):
+            term = (self.darts_term if self.hypergrad == "darts" else self.jvp_term)(ctx, inner_images, v)
+        return [d + t for d, t in zip(direct, term)]
+
+    def accumulate(self, grads: list[Tensor]) -> None:
+        if self.accum_grads is None:
+            self.accum_grads = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_add_(self.accum_grads, grads)
+        self.accum_count += 1
+
+    def outer_update(self, step: int) -> None:
+        optimizer = self._outer()
+        for group in optimizer.param_groups:
+            group["lr"] = self.outer_lr_at(step)
+        for p, g in zip(self.method_parameters(), self.accum_grads):
+            p.grad = g.div_(self.accum_count)
+        optimizer.step()
+        for p in self.method_parameters():
+            p.grad = None
+        self.accum_grads, self.accum_count = None, 0
+        self.outer_steps += 1
+
+    # --- the gradients ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def theta(ctx: TrainContext) -> list[Tensor]:
+        """The autoencoder's parameters: whatever the autoencoder optimizer trains."""
+        return [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def search_input(self, ctx: TrainContext, images: Tensor) -> Tensor:
+        """z = LN(proj(encode(x))), (B, d, h, w): what the nearest-code search sees; a function of theta only."""
+        return self.pre(ctx.model.encode(ctx.model.preprocess(images)))
+
+    def codebook_term(self, codebook: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """rate * codebook_weight * mean |e_k - sg(z)|^2: the only part of the task loss whose gradient reaches
+        (E, phi). Returns (the term, the chosen codes (N, d))."""
+        z = z.detach()
+        rows = to_rows(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z)  # (N, d)
+        codebook = codebook.to(rows.dtype)
+        chosen = codebook[nearest_code(rows, codebook.detach())]  # (N, d)
+        return self.rate * self.codebook_weight * (chosen - rows).pow(2).mean(), chosen
+
+    def direct_gradient(self, ctx: TrainContext, outer_images: Tensor) -> list[Tensor]:
+        """d_phi L_outer: only the codebook term depends on phi, so an encoder forward (no graph to theta) and the
+        quantizer loss suffice; the decoder is not run."""
+        with torch.no_grad(), ctx.autocast():
+            z = self.search_input(ctx, outer_images)
+        loss, _ = self.codebook_term(self.codebook(), z)
+        return list(torch.autograd.grad(loss, self.method_parameters()))
+
+    def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        return full_precision(device.type) if self.hypergrad_fp32 else contextlib.nullcontext()
+
+    def darts_term(self, ctx: TrainContext, inner_images: Tensor, v: list[Tensor]) -> list[Tensor]:
+        """[grad_phi L_inner(theta - eps v) - grad_phi L_inner(theta + eps v)] / (2 eps), eps = fd_radius / |v|.
+
+        theta is perturbed in place and restored by copying the saved tensors (not by adding back), so no
+        rounding drift accumulates over a run. Only the encoder runs, without a graph to theta.
+        """
+        theta, phi = self.theta(ctx), self.method_parameters()
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))  # stays on the device: no sync
+        eps = self.fd_radius / norm.clamp_min(1e-12)
+        step = torch._foreach_mul(v, eps)  # eps * v
+        codebook = self.codebook()
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in theta]
+            with self._precision(norm.device):
+                torch._foreach_add_(theta, step)
+                z_plus = self.search_input(ctx, inner_images)
+                torch._foreach_copy_(theta, saved)
+                torch._foreach_sub_(theta, step)
+                z_minus = self.search_input(ctx, inner_images)
+                torch._foreach_copy_(theta, saved)
+        # grad_phi is linear in the loss: one backward through the hyper-net gives g(theta-) - g(theta+)
+        loss_minus, _ = self.codebook_term(codebook, z_minus)
+        loss_plus, _ = self.codebook_term(codebook, z_plus)
+        grads = torch.autograd.grad(loss_minus - loss_plus, phi)
+        return torch._foreach_div(list(grads), 2 * eps)
+
+    def jvp_term(self, ctx: TrainContext, inner_images: Tensor, v: list[Tensor]) -> list[Tensor]:
+        """The exact counterpart of darts_term: +(2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (J_z v)_i.
+
+        J_z v by the double-backward trick (module-agnostic: no functional_call over the harness's model):
+        u -> J^T u is linear in u, so the gradient of <J^T u, v> with respect to u is J v.
+        """
+        theta, phi = self.theta(ctx), self.method_parameters()
+        with self._precision(v[0].device):
+            z = self.search_input(ctx, inner_images)
+            u = torch.zeros_like(z, requires_grad=True)
+            pulled = torch.autograd.grad(z, theta, grad_outputs=u, create_graph=True, allow_unused=True)
+            used = [(g, w) for g, w in zip(pulled, v) if g is not None]
+            if used:
+                (jv,) = torch.autograd.grad([g for g, _ in used], u, grad_outputs=[w for _, w in used])
+            else:
+                jv = torch.zeros_like(z)
+            codebook = self.codebook()
+            _, chosen = self.codebook_term(codebook, z)
+            term = 2 * self.rate * self.codebook_weight * (chosen * to_rows(jv.detach()).to(chosen.dtype)).mean()
+        return list(torch.autograd.grad(term, phi))
+
+    def unrolled_gradient(self, ctx: TrainContext, inner_images: Tensor, outer_images: Tensor) -> list[Tensor]:
+        """d_phi L_outer(theta - lr * grad_theta L_inner(theta, phi), phi) through autograd, one SGD step at the
+        inner optimizer's lr from the current theta. Every path from phi to grad_theta L_inner passes a
+        stop-gradient, so autograd finds no path from phi to the update and this reduces to the direct gradient
+        d_phi L_outer at the unrolled theta: it exists to show that, at the cost of a double backward."""
+        theta, phi = self.theta(ctx), self.method_parameters()
+        names = {id(p): name for name, p in ctx.model.named_parameters()}
+        wrapper = _CallWith(ctx.model, ctx.loss_fn)
+        inner_lr = ctx.optimizer.param_groups[0]["lr"]
+
+        def outer_loss(updated: Sequence[Tensor]) -> Tensor:
+            swapped = {f"model.{names[id(p)]}": t for p, t in zip(theta, updated)}
+            return torch.func.functional_call(wrapper, swapped, (outer_images,), strict=False)[0]
+
+        return unrolled_hypergradient(lambda: ctx.loss_fn(inner_images)[0], outer_loss, theta, phi, inner_lr)
+
+
+# --- registration -------------------------------------------------------------------------------------------------
+
+@register("mq")
+def mq(
+    dim: int,
+    codebook_size: int,
+    hyper_net: str = "mlp-tanh",
+    latent_dim: int = 32,
+    mlp_hidden: int = 256,
+    rate: float = 0.1,
+    commitment_weight: float = 1.0,
+    codebook_weight: float = 1.0,
+    outer_lr: float = 1e-4,
+    outer_momentum: float = 0.9,
+    outer_warmup: float = 0.1,
+    outer_every: int = 4,
+    outer_accum: int = 1,
+    hypergrad: str = "darts",
+    fd_radius: float = 0.01,
+    hypergrad_fp32: bool = True,
+) -> MetaQuantizer:
+    """Meta-Quantization. Defaults: the authors' code (hyper-net mlp-tanh, h = 32, hidden 256 as in their VQGAN
+    setting; rate 0.1; both loss weights 1; outer SGD lr 1e-4, momentum 0.9; warm-up 10% then cosine; DARTS
+    finite difference of radius 0.01). outer_every = 4 is ours (the compute ratio of their accumulation of 4)."""
+    return MetaQuantizer(
+        dim, codebook_size, hyper_net=hyper_net, latent_dim=latent_dim, mlp_hidden=mlp_hidden, rate=rate,
+        commitment_weight=commitment_weight, codebook_weight=codebook_weight, outer_lr=outer_lr,
+        outer_momentum=outer_momentum, outer_warmup=outer_warmup, outer_every=outer_every, outer_accum=outer_accum,
+        meta=True, hypergrad=hypergrad, fd_radius=fd_radius, hypergrad_fp32=hypergrad_fp32,
+    )
+
+
+@register("mq-alt")
+def mq_alt(
+    dim: int,
+    codebook_size: int,
+    hyper_net: str = "mlp-tanh",
+    latent_dim: int = 32,
+    mlp_hidden: int = 256,
+    rate: float = 0.1,
+    commitment_weight: float = 1.0,
+    codebook_weight: float = 1.0,
+    outer_lr: float = 1e-4,
+    outer_momentum: float = 0.9,
+    outer_warmup: float = 0.1,
+    outer_every: int = 4,
+    outer_accum: int = 1,
+) -> MetaQuantizer:
+    """The ablation without the meta-objective: `mq`'s codebook and schedule, direct gradient only."""
+    return MetaQuantizer(
+        dim, codebook_size, hyper_net=hyper_net, latent_dim=latent_dim, mlp_hidden=mlp_hidden, rate=rate,
+        commitment_weight=commitment_weight, codebook_weight=codebook_weight, outer_lr=outer_lr,
+        outer_momentum=outer_momentum, outer_warmup=outer_warmup, outer_every=outer_every, outer_accum=outer_accum,
+        meta=False,
+    )
