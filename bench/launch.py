@@ -7,6 +7,7 @@ slurm   submitit on a SLURM cluster: one array element per RunSpec; preempted or
 """
 from __future__ import annotations
 
+import shutil
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -44,11 +45,14 @@ class ClusterOptions:
             return {"timeout_min": self.time_min, "cpus_per_task": self.cpus_per_task, "gpus_per_node": self.gpus_per_node}
         params = {
             "timeout_min": self.time_min, "cpus_per_task": self.cpus_per_task, "mem_gb": self.mem_gb,
-            "gpus_per_node": self.gpus_per_node, "tasks_per_node": 1, "nodes": 1,
+            "tasks_per_node": 1, "nodes": 1,
             "slurm_array_parallelism": self.array_parallelism, "slurm_signal_delay_s": self.signal_delay_s,
             "slurm_additional_parameters": {"requeue": True, **self.sbatch},
-            "slurm_setup": list(self.setup),
+            # torch would start one thread per core of the node, whatever the job was granted (--threads wins)
+            "slurm_setup": ["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}", *self.setup],
         }
+        if self.gpus_per_node:  # no --gpus-per-node=0 line: some clusters without GRES refuse any GPU request
+            params["gpus_per_node"] = self.gpus_per_node
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(self, key):
                 params[f"slurm_{key}"] = getattr(self, key)
@@ -98,40 +102,77 @@ def launch_submitit(cluster: str, specs: list[RunSpec], out_dir: Path, scratch_d
     if not todo:
         return done
     settings = cluster_options(options.get("slurm_preset"), options.get("cluster_flags", {}))
+    if cluster == "slurm":
+        missing = [c for c in ("sbatch", "sacct") if shutil.which(c) is None]
+        if missing:
+            raise UserError(f"--launcher slurm needs {' and '.join(missing)} on PATH (a SLURM client; sacct is how "
+                            "finished, failed and cancelled jobs are seen); or use --launcher local or inline")
     executor = submitit.AutoExecutor(folder=scratch_dir.resolve() / "submitit" / "%j", cluster=cluster)
     executor.update_parameters(name="vq-bench", **settings.submitit_parameters(cluster))
-    with executor.batch():
-        jobs = [executor.submit(t) for t in todo]
+    try:
+        with executor.batch():
+            jobs = [executor.submit(t) for t in todo]
+    except submitit.core.utils.FailedJobError as error:  # sbatch refused: its own words, on one line
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise UserError(f"sbatch refused the jobs: {'; '.join(lines)}") from None
     for job, trainer in zip(jobs, todo):
         print(f"{trainer.run_id}: job {job.job_id}", flush=True)
     if options.get("no_wait"):
-        print("submitted; `python -m bench.report OUT` once they finish (rerunning this command waits for them)")
+        print(f"submitted {len(jobs)} job(s); logs in {scratch_dir.resolve() / 'submitit'}; `squeue --me` to watch, "
+              f"`python -m bench.report OUT` once they finish (do not rerun this command before: it would submit "
+              f"the unfinished runs again)")
         return done
-    return done + follow(jobs, todo)
+    return done + follow(jobs, todo, progress=not options.get("quiet"))
 
 
-def follow(jobs, trainers: list[Trainer]) -> list[Path]:
-    """Wait with a progress bar, then summarize: completed, failed (with each log), requeued."""
-    bar = tqdm(total=len(jobs), desc="jobs", dynamic_ncols=True)
+def follow(jobs, trainers: list[Trainer], progress: bool = True, poll_s: float = 2.0) -> list[Path]:
+    """Wait with a progress bar, then summarize: completed, failed (with each log), requeued and resumed.
+
+    A job is done when its result file exists or sacct says it left the queue (COMPLETED, FAILED, CANCELLED,
+    TIMEOUT, ...); submitit asks sacct at most every few seconds at first, then less often (up to 10 min).
+    A requeued job (scontrol requeue, preemption, time-out) is not done while it waits or runs again.
+    """
+    bar = tqdm(total=len(jobs), desc="jobs", dynamic_ncols=True, disable=not progress)
     pending = set(range(len(jobs)))
     while pending:
         finished = {i for i in pending if jobs[i].done()}
         bar.update(len(finished))
         pending -= finished
         if pending:
-            time.sleep(2)
+            time.sleep(poll_s)
     bar.close()
     completed, failed = [], []
     for job, trainer in zip(jobs, trainers):
         try:
             completed.append(Path(job.result()))
         except Exception as error:  # one failed run fails alone
-            failed.append((trainer.run_id, job.job_id, job.paths.stderr, str(error).strip().splitlines()[-1:]))
+            failed.append((trainer.run_id, job, _failure_reason(job, error)))
     requeued = [p for p in completed if _resumes(p)]
-    print(f"\ncompleted {len(completed)}, failed {len(failed)}, requeued and resumed {len(requeued)}")
-    for run_id, job_id, log, last in failed:
-        print(f"  failed {run_id} (job {job_id}): {' '.join(last)}; log: {log}")
+    print(f"\ncompleted {len(completed)}, failed {len(failed)}, requeued and resumed {len(requeued)}", flush=True)
+    for run_id, job, reason in failed:
+        log = job.paths.stderr
+        where = f"log: {log}" if log.exists() else f"no log (the job never started; {log} does not exist)"
+        print(f"  failed {run_id} (job {job.job_id}): {reason}; {where}", flush=True)
     return completed
+
+
+def _failure_reason(job, error: Exception) -> str:
+    """One line: the run's exception (the last line of the traceback submitit brings back), or SLURM's state
+    when the job ended without any result (CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, FailedJobError):  # the trace sits between two dashed lines
+        rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+        trace = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
+        return trace[-1] if trace else type(error).__name__
+    if isinstance(error, UncompletedJobError):
+        try:
+            state = job.state  # what sacct last said
+        except Exception:
+            state = "UNKNOWN"
+        return f"ended without a result, state {state}" if state != "UNKNOWN" else "ended without a result"
+    return lines[-1] if lines else type(error).__name__
 
 
 def _resumes(record_path: Path) -> int:
