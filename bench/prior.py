@@ -29,12 +29,14 @@ Autocast = Callable[[], ContextManager]
 
 @dataclass
 class PriorConfig:
-    layers: int = 4
+    """Defaults sized for a CPU (minutes); the GPU presets set a larger prior through RunSpec.prior_options."""
+
+    layers: int = 2
     heads: int = 4
-    width: int = 256
+    width: int = 128
     dropout: float = 0.1  # the photos training split is ~4.5k grids: the prior sees each one many times
-    steps: int = 2000
-    batch_size: int = 128  # grids per step
+    steps: int = 500
+    batch_size: int = 64  # grids per step
     lr: float = 3e-4
     weight_decay: float = 0.01  # on the weight matrices only, as nanoGPT does
     warmup_steps: int = 100

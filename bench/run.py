@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench import UserError
 from bench.data import list_datasets, load_dataset
+from bench.inception import find_inception_weights
 from bench.launch import LAUNCHERS
 from bench.models import MODELS
 from bench.spec import RunSpec, list_presets, load_preset
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", help="auto (bf16 on GPU), off, bf16, fp16")
     p.add_argument("--threads", help="torch CPU threads (0: torch's default)")
     p.add_argument("--gfid", action="store_true", default=None, help="train the stage-2 prior and record gFID")
+    p.add_argument("--no-fid", dest="fid", action="store_false", default=None,
+                   help="skip rFID/KID (recorded as null with the reason)")
+    p.add_argument("--inception-weights", help="FID Inception weights file (default: found offline, see README)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="print methods, datasets, models and presets, then exit")
     return p
@@ -106,7 +110,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
             values["lr"] = float(args.lr)
         except ValueError:
             raise UserError(f"--lr must be a number, got {args.lr!r}") from None
-    for name in ("dataset", "data_root", "download", "model", "experiment", "device", "amp", "gfid"):
+    for name in ("dataset", "data_root", "download", "model", "experiment", "device", "amp", "gfid", "fid",
+                 "inception_weights"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
 
@@ -152,6 +157,8 @@ def check_buildable(specs: list[RunSpec]) -> None:
         build_model(spec)
     for spec in {(s.dataset, s.data_root): s for s in specs}.values():
         load_dataset(spec.dataset, spec.data_root, spec.download)
+    for path in {s.inception_weights for s in specs if s.fid and s.inception_weights}:
+        find_inception_weights(path)  # a path that is not a file: one clear error now, not after training
 
 
 def pick_array_element(specs: list[RunSpec], index: int, launcher: str) -> RunSpec:

@@ -39,7 +39,9 @@ class RunSpec:
     # evaluation
     eval_every: int = 100  # validation curve points; 0 = only at the end
     eval_batch_size: int = 500
-    gfid: bool = False
+    fid: bool = True  # rFID and KID of the test reconstructions (standard Inception weights, found offline)
+    gfid: bool = False  # train the stage-2 prior, sample, record gFID and the prior's bits per code
+    prior_options: dict = field(default_factory=dict)  # bench.prior.PriorConfig fields (layers, steps, samples...)
     # runtime: how, not what; excluded from the run id
     ckpt_every: int = 100
     device: str = "auto"
@@ -47,8 +49,9 @@ class RunSpec:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data_root: str | None = None
     download: bool = False
+    inception_weights: str | None = None  # a file of FID Inception weights; else found as bench.inception says
 
-    RUNTIME_FIELDS = ("ckpt_every", "device", "threads", "data_root", "download", "experiment")
+    RUNTIME_FIELDS = ("ckpt_every", "device", "threads", "data_root", "download", "experiment", "inception_weights")
 
     def run_id(self) -> str:
         """Derived from what determines the result, so the same spec launched twice is the same run."""

@@ -61,6 +61,7 @@ class Trainer:
         self.spec = spec
         self.out_dir, self.scratch_dir = Path(out_dir), Path(scratch_dir)
         self.progress = progress
+        self.fid_extractor = None  # tests inject a random-weight network here; its numbers are not FID
 
     @property
     def run_id(self) -> str:
@@ -248,7 +249,7 @@ class Trainer:
     def finish(self) -> Path:
         spec = self.spec
         eval_start = time.perf_counter()
-        metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast)
+        metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast, self.fid_extractor)
         eval_seconds = time.perf_counter() - eval_start
         self.save_samples(eval_info.pop("reconstructions"))
         count = lambda params: sum(p.numel() for p in params)  # noqa: E731

@@ -7,16 +7,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A VQ-VAE small enough that a training step takes milliseconds on the CPU.
+# A VQ-VAE small enough that a training step takes milliseconds on the CPU. rFID is off (a real Inception pass
+# over the test split takes about a minute here); tests/test_evaluation.py runs the FID path end to end.
 TINY = ["--set", "width=16", "--set", "res_blocks=1", "--set", "res_width=8", "--code-dim", "8",
-        "--codebook-size", "32", "--batch-size", "32", "--set", "warmup_steps=2", "--set", "eval_batch_size=1000"]
+        "--codebook-size", "32", "--batch-size", "32", "--set", "warmup_steps=2", "--set", "eval_batch_size=1000",
+        "--no-fid"]
 
 
 def tiny_spec(**overrides):
     from bench.spec import RunSpec
 
     values = dict(method="ste", width=16, res_blocks=1, res_width=8, code_dim=8, codebook_size=32, batch_size=32,
-                  warmup_steps=2, steps=6, eval_every=3, ckpt_every=3, eval_batch_size=1000)
+                  warmup_steps=2, steps=6, eval_every=3, ckpt_every=3, eval_batch_size=1000, fid=False)
     values.update(overrides)
     return RunSpec(**values)
 
