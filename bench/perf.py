@@ -10,11 +10,9 @@ memory of each method measured in a separate process (on the CPU the peak RSS ne
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own start/stop chatter on stderr
-
 import argparse
+import contextlib
+import os
 import copy
 import dataclasses
 import json
@@ -96,11 +94,24 @@ def timed(run, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """The profiler's C++ side prints start/stop lines straight to file descriptor 2: park it meanwhile."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
     """Milliseconds per step of each record_function label ("family/phase") the method's step emits."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.train(trainer.step + steps)
     return {e.key: e.cpu_time_total / 1000 / steps for e in prof.key_averages()
             if "/" in e.key and not e.key.startswith(("aten::", "autograd::", "Optimizer"))}
