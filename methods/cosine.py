@@ -17,37 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from methods.base import QuantizerOutput
-from methods.ema import LibraryVQ
+from methods.ema import PLAIN_EMA_VQ, LibraryVQ
 from methods.registry import register
 
 
 @register("cosine")
 class CosineVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment_weight: float = 0.25):
-        super().__init__(
-            dim,
-            codebook_size,
-            decay=decay,
-            commitment_weight=commitment_weight,
-            ema_update=True,
-            learnable_codebook=False,
-            rotation_trick=False,
-            straight_through=False,
-            directional_reparam=False,
-            use_cosine_sim=True,
-            kmeans_init=False,
-            threshold_ema_dead_code=0,
-            stochastic_sample_codes=False,
-            orthogonal_reg_weight=0.0,
-            codebook_diversity_loss_weight=0.0,
-            affine_param=False,
-            sync_update_v=0.0,
-            commitment_use_cross_entropy_loss=False,
-            manual_ema_update=False,
-            freeze_codebook=False,
-            route_gradients_to_input=True,
-            eps=1e-5,
-        )
+        super().__init__(dim, codebook_size, **{**PLAIN_EMA_VQ, "decay": decay, "commitment_weight": commitment_weight,
+                                                "use_cosine_sim": True})
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         out = super().forward(z)

@@ -36,25 +36,34 @@ class LibraryVQ(Quantizer):
         return self.vq.codebook.detach().clone()
 
 
+# Every VectorQuantize argument that selects behaviour, at the values of plain EMA vector quantization. Adapters
+# on the library start from these and change only what defines their method, so that no library default (they
+# change between releases) decides anything.
+PLAIN_EMA_VQ = dict(
+    decay=0.99,
+    commitment_weight=0.25,
+    ema_update=True,
+    learnable_codebook=False,
+    rotation_trick=False,
+    straight_through=False,
+    directional_reparam=False,
+    use_cosine_sim=False,
+    kmeans_init=False,
+    threshold_ema_dead_code=0,
+    stochastic_sample_codes=False,
+    orthogonal_reg_weight=0.0,
+    codebook_diversity_loss_weight=0.0,
+    affine_param=False,
+    sync_update_v=0.0,
+    commitment_use_cross_entropy_loss=False,
+    manual_ema_update=False,
+    freeze_codebook=False,
+    route_gradients_to_input=True,
+    eps=1e-5,
+)
+
+
 @register("ema")
 class EMAVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment_weight: float = 0.25):
-        super().__init__(
-            dim,
-            codebook_size,
-            decay=decay,
-            commitment_weight=commitment_weight,
-            ema_update=True,
-            learnable_codebook=False,
-            rotation_trick=False,
-            straight_through=False,
-            use_cosine_sim=False,
-            kmeans_init=False,
-            threshold_ema_dead_code=0,
-            stochastic_sample_codes=False,
-            orthogonal_reg_weight=0.0,
-            codebook_diversity_loss_weight=0.0,
-            affine_param=False,
-            sync_update_v=0.0,
-            eps=1e-5,
-        )
+        super().__init__(dim, codebook_size, **{**PLAIN_EMA_VQ, "decay": decay, "commitment_weight": commitment_weight})

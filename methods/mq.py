@@ -41,7 +41,7 @@ from methods.base import (
     Quantizer, QuantizerOutput, StepResult, TrainContext, from_rows, nearest_code, standard_step, to_rows,
 )
 from methods.registry import MethodError, register
-from methods.ste import LayerNormProjection, StraightThroughVQ
+from methods.ste import LayerNormProjection, StraightThroughVQ, straight_through_vq
 
 HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh")
 HYPERGRADS = ("darts", "jvp", "unrolled")
@@ -72,30 +72,6 @@ class HyperNetCodebook(nn.Module):
         # the codes decide the argmin: generate them in full precision whatever the run's autocast
         with torch.autocast(self.latents.device.type, enabled=False):
             return self.net(self.latents)
-
-
-def quantize(
-    z: Tensor, codebook: Tensor, codebook_weight: float, commitment_weight: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Nearest-code quantization of z (B, D, H, W) with codebook (K, D), straight-through to z.
-
-    Returns (quantized (B, D, H, W), indices (B, H, W), aux loss, quant error, chosen codes (N, D)).
-    The same arithmetic as methods.ste.straight_through_vq (so an exported `ste-ln` module reproduces it bit for
-    bit), except that float64 stays float64: only half precision is lifted to float32 for the search.
-    """
-    work = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    rows = to_rows(work)  # (N, D)
-    with torch.autocast(z.device.type, enabled=False):
-        codebook = codebook.to(work.dtype)
-        idx = nearest_code(rows.detach(), codebook.detach())  # (N,)
-        chosen = codebook[idx]  # (N, D)
-        codebook_loss = (chosen - rows.detach()).pow(2).mean()
-        commitment_loss = (rows - chosen.detach()).pow(2).mean()
-    quantized_rows = rows + (chosen - rows).detach()
-    quantized = from_rows(quantized_rows, z.shape).to(z.dtype)
-    aux = codebook_weight * codebook_loss + commitment_weight * commitment_loss
-    indices = idx.reshape(z.shape[0], z.shape[2], z.shape[3])
-    return quantized, indices, aux, commitment_loss.detach(), chosen
 
 
 @contextlib.contextmanager
@@ -220,7 +196,7 @@ class MetaQuantizer(Quantizer):
 
     def forward(self, z: Tensor) -> QuantizerOutput:  # z: (B, D, H, W)
         z = self.pre(z)
-        quantized, indices, aux, err, _ = quantize(
+        quantized, indices, aux, err = straight_through_vq(
             z, self.codebook(), self.rate * self.codebook_weight, self.rate * self.commitment_weight
         )
         return QuantizerOutput(quantized, indices, aux, err)

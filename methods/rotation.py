@@ -20,37 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import QuantizerOutput, to_rows
-from methods.ema import LibraryVQ
+from methods.ema import PLAIN_EMA_VQ, LibraryVQ
 from methods.registry import register
 
 
 @register("rotation")
 class RotationVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
-        super().__init__(
-            dim,
-            codebook_size,
-            decay=0.99,  # unused: no EMA and no dead-code tracking
-            commitment_weight=0.0,  # the library's one-weight term is replaced by ours, see the module docstring
-            ema_update=False,
-            learnable_codebook=True,
-            rotation_trick=True,
-            straight_through=False,
-            directional_reparam=False,
-            use_cosine_sim=False,
-            kmeans_init=False,
-            threshold_ema_dead_code=0,
-            stochastic_sample_codes=False,
-            orthogonal_reg_weight=0.0,
-            codebook_diversity_loss_weight=0.0,
-            affine_param=False,
-            sync_update_v=0.0,
-            commitment_use_cross_entropy_loss=False,
-            manual_ema_update=False,
-            freeze_codebook=False,
-            route_gradients_to_input=True,
-            eps=1e-5,
-        )
+        super().__init__(dim, codebook_size, **{
+            **PLAIN_EMA_VQ,
+            "commitment_weight": 0.0,  # the library's one-weight term is replaced by ours, see the module docstring
+            "ema_update": False,  # the codebook learns by its gradient (decay is then unused)
+            "learnable_codebook": True,
+            "rotation_trick": True,
+        })
         self.codebook_weight, self.commitment_weight = codebook_weight, commitment_weight
         with torch.no_grad():
             nn.init.uniform_(self.vq._codebook.embed, -1.0 / codebook_size, 1.0 / codebook_size)

@@ -33,12 +33,13 @@ def straight_through_vq(
     """Nearest-code quantization of z (B, D, H, W) with codebook (K, D).
 
     Returns (quantized with straight-through gradient, indices (B, H, W), aux loss, quantization error).
-    The search and losses run in float32 whatever the autocast dtype: argmin over bf16 distances flips codes.
+    The search and losses run in float32 when the input is half precision: argmin over bf16 distances flips
+    codes. float64 stays float64 (the hypergradient tests run there).
     """
-    z32 = z.float()
-    rows = to_rows(z32)  # (N, D)
+    work = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    rows = to_rows(work)  # (N, D)
     with torch.autocast(z.device.type, enabled=False):
-        codebook = codebook.float()
+        codebook = codebook.to(work.dtype)
         idx = nearest_code(rows.detach(), codebook.detach())  # (N,)
         chosen = codebook[idx]  # (N, D)
         codebook_loss = (chosen - rows.detach()).pow(2).mean()
