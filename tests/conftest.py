@@ -31,5 +31,16 @@ def run_cli(*args, timeout=600, **kwargs):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny ops run fastest, and exactly reproducibly, on one intra-op thread; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def dirs(tmp_path):
     return {"out": tmp_path / "results", "scratch": tmp_path / "runs"}

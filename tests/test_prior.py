@@ -15,13 +15,7 @@ K = 16
 TINY_PRIOR = dict(layers=1, heads=2, width=32, dropout=0.0, batch_size=32, warmup_steps=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These ops are tiny: on a loaded 2-core machine a second intra-op thread makes them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops run fastest on one thread
 
 
 def tiny_model(seed=0):

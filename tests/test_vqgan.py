@@ -21,13 +21,7 @@ TINY_VQGAN = {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolut
 METHODS = [m for m in ("ste", "ema", "mq") if m in list_methods()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and exactly reproducibly); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops run fastest on one thread
 
 
 @pytest.fixture
