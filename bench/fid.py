@@ -217,8 +217,9 @@ def lpips_metric(
     elif network is None:
         try:
             network = LPIPS.from_files(None, None, download=False)
-        except UserError as error:  # nothing in torch hub's cache: a reason, the rest of the record stands
-            return None, f"LPIPS unavailable: {error}"
+        except UserError:  # nothing in torch hub's cache: a reason, the rest of the record stands
+            return None, ("LPIPS needs ImageNet VGG16 weights (torchvision's vgg16-397923af.pth in torch hub's "
+                          "checkpoint cache) and none were found offline")
     network = network.to(device)
     total = 0.0
     with torch.inference_mode():
