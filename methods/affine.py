@@ -27,6 +27,7 @@ from methods.registry import register
 from methods.ste import straight_through_vq
 
 
+@register("affine")
 class AffineVQ(Quantizer):
     def __init__(
         self,
@@ -78,15 +79,3 @@ class AffineVQ(Quantizer):
 
     def export_codebook(self) -> Tensor:
         return self.codebook().detach().clone()
-
-
-@register("affine")
-def affine(
-    dim: int,
-    codebook_size: int,
-    codebook_weight: float = 1.0,
-    commitment_weight: float = 0.25,
-    lr_multiplier: float = 10.0,
-    sync_nu: float = 0.0,
-):
-    return AffineVQ(dim, codebook_size, codebook_weight, commitment_weight, lr_multiplier, sync_nu)

@@ -36,6 +36,7 @@ from methods.ste import straight_through_vq
 ANCHORS = ("closest", "random")
 
 
+@register("cvq")
 class ClusteredVQ(Quantizer):
     def __init__(
         self,
@@ -127,19 +128,3 @@ class ClusteredVQ(Quantizer):
 
     def export_codebook(self) -> Tensor:
         return self.codebook.weight.detach().clone()
-
-
-@register("cvq")
-def cvq(
-    dim: int,
-    codebook_size: int,
-    codebook_weight: float = 1.0,
-    commitment_weight: float = 0.25,
-    usage_decay: float = 0.99,
-    anchor: str = "closest",
-    dead_threshold: float | None = None,
-    kmeans_init: bool = True,
-    kmeans_iters: int = 10,
-):
-    return ClusteredVQ(dim, codebook_size, codebook_weight, commitment_weight, usage_decay, anchor,
-                       dead_threshold, kmeans_init, kmeans_iters)

@@ -66,6 +66,7 @@ def resolve_levels(codebook_size: int, levels) -> tuple[int, ...]:
     return levels
 
 
+@register("fsq")
 class FiniteScalarQuantizer(Quantizer):
     def __init__(self, dim: int, codebook_size: int, levels=None):
         super().__init__()
@@ -124,8 +125,3 @@ class FiniteScalarQuantizer(Quantizer):
     def export_note(self) -> dict:
         return {"levels": list(self.levels), "codebook_size": self.codebook_size,
                 "requested_codebook_size": self.requested_codebook_size}
-
-
-@register("fsq")
-def fsq(dim: int, codebook_size: int, levels=None):
-    return FiniteScalarQuantizer(dim, codebook_size, levels)

@@ -51,6 +51,7 @@ def gumbel_noise(like: Tensor) -> Tensor:
     return -torch.empty_like(like).exponential_().log()
 
 
+@register("gumbel")
 class GumbelVQ(Quantizer):
     def __init__(
         self,
@@ -110,15 +111,3 @@ class GumbelVQ(Quantizer):
 
     def export_codebook(self) -> Tensor:
         return self.codebook.weight.detach().clone()
-
-
-@register("gumbel")
-def gumbel(
-    dim: int,
-    codebook_size: int,
-    kl_weight: float = 5e-4,
-    tau_start: float = 1.0,
-    tau_end: float = 1.0 / 16,
-    schedule: str = "cosine",
-):
-    return GumbelVQ(dim, codebook_size, kl_weight, tau_start, tau_end, schedule)

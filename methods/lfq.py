@@ -31,6 +31,7 @@ def bits_for(codebook_size: int) -> int:
     return codebook_size.bit_length() - 1
 
 
+@register("lfq")
 class LookupFreeQuantizer(Quantizer):
     def __init__(
         self,
@@ -88,17 +89,3 @@ class LookupFreeQuantizer(Quantizer):
     def export_codebook(self) -> Tensor:
         """The implicit codebook as the decoder sees it: (K, D)."""
         return self.lfq.project_out(self.lfq.codebook).detach()
-
-
-@register("lfq")
-def lfq(
-    dim: int,
-    codebook_size: int,
-    entropy_loss_weight: float = 0.1,
-    commitment_loss_weight: float = 0.25,
-    diversity_gamma: float = 1.0,
-    inv_temperature: float = 100.0,
-):
-    return LookupFreeQuantizer(
-        dim, codebook_size, entropy_loss_weight, commitment_loss_weight, diversity_gamma, inv_temperature
-    )

@@ -24,6 +24,7 @@ def _keep(codebook: Tensor) -> Tensor:
     return codebook
 
 
+@register("simvq")
 class SimVQAdapter(Quantizer):
     def __init__(
         self,
@@ -61,14 +62,3 @@ class SimVQAdapter(Quantizer):
 
     def export_codebook(self) -> Tensor:
         return self.sim.codebook.detach().clone()  # Q W, (K, D)
-
-
-@register("simvq")
-def simvq(
-    dim: int,
-    codebook_size: int,
-    codebook_weight: float = 1.0,
-    commitment_weight: float = 0.25,
-    rotation_trick: bool = False,
-):
-    return SimVQAdapter(dim, codebook_size, codebook_weight, commitment_weight, rotation_trick)
