@@ -29,7 +29,10 @@ from bench.records import load_records, read_records
 from bench.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER_RESULTS = ROOT / "results"
+# The committed set lives in its own experiment folder, so records a user adds under results/ (the main job
+# writes results/default/) never leak into the paper's tables.
+PAPER_RESULTS = ROOT / "results" / "photos-300"
+PAPER_REPORT = ROOT / "results" / "report"
 CSV_FLOAT = "%.6g"
 
 
@@ -476,14 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", "--figures", dest="out", help="where tables and figures go (default RESULTS/report)")
     p.add_argument("--reference", help="the method others are compared with (default ste, else the first)")
     p.add_argument("--paper", action="store_true",
-                   help=f"regenerate the suite's report from the committed records in {PAPER_RESULTS} "
+                   help="regenerate the suite's report from the committed records in results/photos-300 "
                         "into results/report")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     args = p.parse_args(argv)
     if args.results is None and not args.paper:
         p.error("give a results directory (e.g. results/) or --paper")
     results = Path(args.results) if args.results else PAPER_RESULTS
-    out = Path(args.out) if args.out else results / "report"
+    out = Path(args.out) if args.out else (results / "report" if args.results else PAPER_REPORT)
     try:
         markdown, written, notes = build_report(results, out, args.reference, figures=not args.no_figures)
     except UserError as error:

@@ -337,9 +337,28 @@ def test_regenerating_gives_byte_identical_tables(grid, tmp_path):
         assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes()
 
 
-def test_paper_mode_reads_the_committed_results_and_writes_their_report(grid, monkeypatch, capsys):
+def test_paper_mode_reads_the_committed_results_and_writes_their_report(grid, monkeypatch, capsys, tmp_path):
     folder, _, _ = grid
     monkeypatch.setattr("bench.report.PAPER_RESULTS", folder)
+    monkeypatch.setattr("bench.report.PAPER_REPORT", tmp_path / "paper")
     assert main(["--paper", "--no-figures"]) == 0
-    assert (folder / "report" / "report.md").read_text() in capsys.readouterr().out
-    assert (folder / "report" / "exp" / "photos" / "quality.tex").exists()
+    assert (tmp_path / "paper" / "report.md").read_text() in capsys.readouterr().out
+    assert (tmp_path / "paper" / "exp" / "photos" / "quality.tex").exists()
+
+
+TABLE_SUFFIXES = (".md", ".tex", ".csv")
+
+
+def test_the_committed_tables_are_what_the_committed_records_regenerate(tmp_path):
+    """The tables shipped in results/report/ are exactly what `bench.report --paper` makes of the shipped records,
+    so nobody can edit a number in them by hand or forget to regenerate after changing the report."""
+    committed = ROOT / "results" / "report"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "bench.report", "--paper", "--no-figures", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in TABLE_SUFFIXES)
+    shipped = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.suffix in TABLE_SUFFIXES)
+    assert fresh == shipped and len(shipped) > 5
+    for relative in shipped:
+        assert (tmp_path / relative).read_bytes() == (committed / relative).read_bytes(), relative
