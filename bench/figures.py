@@ -19,7 +19,7 @@ import matplotlib.style
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
 # A fixed palette slot (tab20) per method, so a method has one colour in every figure and every report, however
 # many methods a results directory holds. Related methods share a hue (dark / light). A method not listed here
@@ -162,7 +162,7 @@ def curves_figure(runs: pd.DataFrame, records: dict[str, dict]) -> Figure | str:
         return "no run has validation curves"
     colours = _colours(runs)
     with fixed_style():
-        fig = Figure(figsize=(10.5, 3.2), layout="constrained")
+        fig = Figure(figsize=(11.5, 3.2), layout="constrained")
         axes = fig.subplots(1, len(CURVE_PANELS), sharex=True)
         for ax, (key, ylabel, scale) in zip(axes, CURVE_PANELS):
             for label in _labels(runs):
@@ -176,12 +176,13 @@ def curves_figure(runs: pd.DataFrame, records: dict[str, dict]) -> Figure | str:
                     ax.fill_between(steps, stats["mean"] - std, stats["mean"] + std, color=colours[label],
                                     alpha=0.2, linewidth=0)
             ax.set_yscale(scale)
-            if scale == "log":  # plain decimals, not 3.4x10^-2
+            if scale == "log":  # plain decimals at 1-2-5 steps, not 3.4x10^-2 nor a label on every minor tick
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                 ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-                ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
-        axes[-1].legend(loc="best")
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper")  # 13 lines hide any panel
         fig.suptitle(f"{_title(runs)}: validation curves (mean over seeds, band ± std)")
     return fig
 
@@ -304,7 +305,7 @@ def quality_cost_figure(runs: pd.DataFrame) -> Figure | str:
         return f"no run has both {x} and {y}"
     colours = _colours(runs)
     with fixed_style():
-        fig = Figure(figsize=(5.0, 3.4), layout="constrained")
+        fig = Figure(figsize=(6.0, 3.4), layout="constrained")
         ax = fig.add_subplot()
         for label in _labels(runs):
             mine = (runs["method"] == label) & xs.notna() & ys.notna()
@@ -314,7 +315,7 @@ def quality_cost_figure(runs: pd.DataFrame) -> Figure | str:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{_title(runs)}: quality against cost (one point per run)")
-        ax.legend(loc="best")
+        fig.legend(loc="outside right upper")
     return fig
 
 
