@@ -43,6 +43,7 @@ class Metric:
     better: int  # +1: higher is better, -1: lower is better, 0: neither (no best is marked)
     digits: int
     scale: float = 1.0  # shown as value * scale (parameters in millions)
+    caveat: str = ""  # said under every table that shows the metric
 
     @property
     def name(self) -> str:
@@ -67,7 +68,11 @@ COST = [
     Metric("cost.train_s", "train time (s)", -1, 1),
     Metric("cost.wall_s", "wall time (s)", -1, 1),
     Metric("cost.train_images_per_s", "train img/s", +1, 1),
-    Metric("cost.peak_mem_mb", "peak memory (MB)", -1, 0),
+    Metric("cost.peak_mem_mb", "peak memory (MB)", -1, 0,
+           caveat="peak memory: on a GPU the allocator's peak; on the CPU the process's resident high-water mark "
+                  "from the run's start, which includes what earlier runs in the same process left allocated "
+                  "(the inline launcher runs a whole grid in one process), so compare CPU figures only between "
+                  "runs in separate processes (--launcher local or slurm, python -m bench.perf --memory)"),
     Metric("cost.params_total", "params (M)", 0, 3, 1e-6),
     Metric("cost.params_method", "method params (M)", 0, 3, 1e-6),
 ]
@@ -212,7 +217,7 @@ def summary_table(runs: pd.DataFrame, metrics: list[Metric], name: str, title: s
         seeds = int((runs["method"] == label).sum())
         rows.append([label, str(seeds)] + [cells[label][m.label][0] for m in present])
         bold.append([False, False] + [cells[label][m.label][1] for m in present])
-    notes = []
+    notes = [m.caveat for m in present if m.caveat]
     absent = [m for m in metrics if m not in present]
     if absent:
         why = sorted({r for m in absent for r in (reasons or {}).get(m.column, [])})

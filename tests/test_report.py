@@ -13,7 +13,7 @@ import pytest
 from bench import figures
 from bench.records import write_record
 from bench.report import (build_report, differences_table, load, main, null_reasons, paired_difference, prepare,
-                          records_table, summary_table, to_markdown, QUALITY)
+                          records_table, summary_table, to_markdown, COST, QUALITY)
 from bench.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +113,18 @@ def test_quality_csv_holds_the_numbers_and_the_best_flag(grid, tmp_path):
         assert rows.loc[method, "std"] == pytest.approx(statistics.stdev(values), rel=1e-5)
         assert rows.loc[method, "n"] == 3
     assert rows["best"].to_dict() == {"a": False, "b": True, "c": False}
+
+
+def test_cost_table_says_what_cpu_peak_memory_includes(grid):
+    folder, _, _ = grid
+    runs, records = runs_of(folder)
+    with_memory = summary_table(runs, COST, "cost", "cost")
+    assert "peak memory (MB)" in with_memory.header
+    assert any("high-water mark" in note and "separate processes" in note for note in with_memory.notes)
+    runs["cost.peak_mem_mb"] = np.nan  # no column, so no caveat about it
+    without = summary_table(runs, COST, "cost", "cost")
+    assert "peak memory (MB)" not in without.header
+    assert not any("high-water mark" in note for note in without.notes)
 
 
 def test_latex_table_bolds_the_best_and_escapes_text(grid, tmp_path):
