@@ -331,21 +331,36 @@ class MetaQuantizer(Quantizer):
         """z = LN(proj(encode(x))), (B, d, h, w): what the nearest-code search sees; a function of theta only."""
         return self.pre(ctx.model.encode(ctx.model.preprocess(images)))
 
-    def codebook_term(self, codebook: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """rate * codebook_weight * mean |e_k - sg(z)|^2: the only part of the task loss whose gradient reaches
-        (E, phi). Returns (the term, the chosen codes (N, d))."""
+    @staticmethod
+    def code_sums(codebook: Tensor, z: Tensor, values: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+        """Assign the rows of sg(z) (B, d, h, w) to their nearest codes of sg(codebook) (K, d); per code, the
+        number of rows (K,) and the sum of their `values` (default: the rows themselves), (K, d). -> (counts,
+        sums, rows). With these, the codebook term is a (K, d) expression (codebook_objective)."""
         z = z.detach()
         rows = to_rows(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z)  # (N, d)
-        codebook = codebook.to(rows.dtype)
-        chosen = codebook[nearest_code(rows, codebook.detach())]  # (N, d)
-        return self.rate * self.codebook_weight * (chosen - rows).pow(2).mean(), chosen
+        idx = nearest_code(rows, codebook.detach().to(rows.dtype))  # (N,)
+        values = rows if values is None else to_rows(values.detach()).to(rows.dtype)
+        counts = torch.bincount(idx, minlength=codebook.shape[0]).to(rows.dtype)  # (K,)
+        sums = torch.zeros(codebook.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
+        return counts, sums.index_add_(0, idx, values), rows.shape[0]
+
+    def codebook_objective(self, codebook: Tensor, counts: Tensor, sums: Tensor, rows: int) -> Tensor:
+        """rate * codebook_weight * mean_i |e_{k_i} - sg(z_i)|^2, the only part of the task loss whose gradient
+        reaches (E, phi), less its constant sum_i |z_i|^2:
+            rate * codebook_weight / (N d) * sum_k (n_k |e_k|^2 - 2 e_k . s_k).
+        Its gradient is exact, and it is linear in (counts, sums), so a difference of two terms is one call on
+        the differences, with no gather of N codes and no cancellation of the large |z|^2 parts."""
+        codebook = codebook.to(sums.dtype)
+        energy = (counts[:, None] * codebook.pow(2)).sum() - 2 * (codebook * sums).sum()
+        return self.rate * self.codebook_weight * energy / (rows * codebook.shape[1])
 
     def direct_gradient(self, ctx: TrainContext, outer_images: Tensor) -> list[Tensor]:
         """d_phi L_outer: only the codebook term depends on phi, so an encoder forward (no graph to theta) and the
         quantizer loss suffice; the decoder is not run."""
         with torch.no_grad(), ctx.autocast():
             z = self.search_input(ctx, outer_images)
-        loss, _ = self.codebook_term(self.codebook(), z)
+        codebook = self.codebook()
+        loss = self.codebook_objective(codebook, *self.code_sums(codebook, z))
         return list(torch.autograd.grad(loss, self.method_parameters()))
 
     def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -371,10 +386,12 @@ class MetaQuantizer(Quantizer):
                 torch._foreach_sub_(theta, step)
                 z_minus = self.search_input(ctx, inner_images)
                 torch._foreach_copy_(theta, saved)
-        # grad_phi is linear in the loss: one backward through the hyper-net gives g(theta-) - g(theta+)
-        loss_minus, _ = self.codebook_term(codebook, z_minus)
-        loss_plus, _ = self.codebook_term(codebook, z_plus)
-        grads = torch.autograd.grad(loss_minus - loss_plus, phi)
+        # grad_phi is linear in the loss, and the loss in (counts, sums): one backward through the hyper-net
+        # gives g(theta-) - g(theta+)
+        counts_minus, sums_minus, rows = self.code_sums(codebook, z_minus)
+        counts_plus, sums_plus, _ = self.code_sums(codebook, z_plus)
+        difference = self.codebook_objective(codebook, counts_minus - counts_plus, sums_minus - sums_plus, rows)
+        grads = torch.autograd.grad(difference, phi)
         return torch._foreach_div(list(grads), 2 * eps)
 
     def jvp_term(self, ctx: TrainContext, inner_images: Tensor, v: list[Tensor]) -> list[Tensor]:
@@ -394,8 +411,9 @@ class MetaQuantizer(Quantizer):
             else:
                 jv = torch.zeros_like(z)
             codebook = self.codebook()
-            _, chosen = self.codebook_term(codebook, z)
-            term = 2 * self.rate * self.codebook_weight * (chosen * to_rows(jv.detach()).to(chosen.dtype)).mean()
+            # the term is linear in the codes' sums of J_z v: codebook_objective with no |e|^2 part and s = -Jv
+            _, sums, rows = self.code_sums(codebook, z, values=jv)
+            term = self.codebook_objective(codebook, torch.zeros_like(sums[:, 0]), -sums, rows)
         return list(torch.autograd.grad(term, phi))
 
     def unrolled_gradient(self, ctx: TrainContext, inner_images: Tensor, outer_images: Tensor) -> list[Tensor]:

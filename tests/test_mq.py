@@ -87,6 +87,27 @@ def restore(theta, saved):
         torch._foreach_copy_(theta, saved)
 
 
+def test_darts_term_is_the_central_difference_of_the_quantizers_own_codebook_gradient():
+    """Against the definition, through the quantizer's forward (its aux loss) rather than MQ's (K, d) form of
+    the codebook term: [grad_phi aux(theta - eps v) - grad_phi aux(theta + eps v)] / (2 eps)."""
+    model, ctx, inner, theta, v = darts_setup()
+    q = model.quantizer
+    saved = [p.detach().clone() for p in theta]
+    eps = q.fd_radius / flat(v).norm()
+
+    def phi_gradient_at(scale):
+        move(theta, v, scale)
+        aux = q(model.encode(model.preprocess(inner))).aux_loss
+        grads = torch.autograd.grad(aux, q.method_parameters())
+        restore(theta, saved)
+        return flat(grads)
+
+    expected = (phi_gradient_at(-eps) - phi_gradient_at(eps)) / (2 * eps)
+    darts = flat(q.darts_term(ctx, inner, v))
+    assert expected.norm() > 0
+    assert torch.allclose(darts, expected, rtol=1e-9, atol=1e-12 * expected.norm().item())
+
+
 def test_darts_equals_jvp_within_the_central_difference_error():
     model, ctx, inner, theta, v = darts_setup()
     q = model.quantizer
