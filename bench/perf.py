@@ -1,6 +1,6 @@
 """`python -m bench.perf` : training-step cost of every method, measured side by side in one process.
 
-For each method, and interleaved round by round so that machine noise hits all variants alike:
+For each method, interleaved round by round with every other method so that machine noise hits all alike:
   - `harness`: steps of the real training loop (bench.train.Trainer.train),
   - `bare`:    the same model stepped by a plain hand-written loop,
   - `no-vq`:   the same encoder and decoder with no quantizer at all.
@@ -118,31 +118,39 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
 
 
 def measure(methods: list[str], args) -> pd.DataFrame:
-    rows, phases = [], {}
+    """Every method's variants, timed round by round in one interleaved schedule: in each round every method
+    runs every variant once, the order of the methods rotating from round to round, so slow spells of the
+    machine and the first-in-round slot hit all methods alike. Ratios to `ste` are medians of the per-round
+    ratios (each measured seconds apart), step times are medians over rounds."""
+    trainers, variants = {}, {}
     for method in methods:
         torch.manual_seed(0)
-        trainer = make_trainer(perf_spec(method, args))
-        harness = lambda n, t=trainer: t.train(t.step + n)  # noqa: E731
-        bare = bare_loop(trainer)
+        trainer = trainers[method] = make_trainer(perf_spec(method, args))
         spec = trainer.spec
         no_vq_model = MODELS[spec.model](spec, NoQuantizer(spec.code_dim, spec.codebook_size)).to(trainer.device)
-        no_vq = bare_loop(trainer, no_vq_model)
-        variants = {"harness": harness, "bare": bare, "no-vq": no_vq}
-        for run in variants.values():
+        variants[method] = {"harness": lambda n, t=trainer: t.train(t.step + n), "bare": bare_loop(trainer),
+                            "no-vq": bare_loop(trainer, no_vq_model)}
+        for run in variants[method].values():
             run(args.warmup)
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                times[name].append(timed(run, args.steps, trainer.device))
-        median = {name: statistics.median(t) for name, t in times.items()}
-        rows.append({"method": method, "step_ms": 1000 * median["harness"], "bare_ms": 1000 * median["bare"],
-                     "no_vq_ms": 1000 * median["no-vq"], "vs_no_vq": median["harness"] / median["no-vq"],
-                     "harness_vs_bare": median["harness"] / median["bare"]})
-        phases[method] = phase_split(trainer, args.steps) if args.phases else {}
+    times = {method: {name: [] for name in variants[method]} for method in methods}
+    for round_index in range(args.rounds):
+        shift = round_index % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            for name, run in variants[method].items():
+                times[method][name].append(timed(run, args.steps, trainers[method].device))
+    rows = []
+    for method in methods:
+        t = times[method]
+        median = {name: statistics.median(values) for name, values in t.items()}
+        row = {"method": method, "step_ms": 1000 * median["harness"], "bare_ms": 1000 * median["bare"],
+               "no_vq_ms": 1000 * median["no-vq"],
+               "vs_no_vq": statistics.median(h / n for h, n in zip(t["harness"], t["no-vq"])),
+               "harness_vs_bare": statistics.median(h / b for h, b in zip(t["harness"], t["bare"]))}
+        if "ste" in times:
+            row["vs_ste"] = statistics.median(h / s for h, s in zip(t["harness"], times["ste"]["harness"]))
+        rows.append(row)
     frame = pd.DataFrame(rows)
-    if "ste" in methods:
-        frame["vs_ste"] = frame["step_ms"] / frame.loc[frame["method"] == "ste", "step_ms"].iloc[0]
-    frame.attrs["phases"] = phases
+    frame.attrs["phases"] = {m: phase_split(trainers[m], args.steps) if args.phases else {} for m in methods}
     return frame
 
 
