@@ -30,7 +30,7 @@ from bench.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 # The committed set lives in its own experiment folder, so records a user adds under results/ (the main job
-# writes results/default/) never leak into the paper's tables.
+# writes results/photos-vqvae/) never leak into the paper's tables.
 PAPER_RESULTS = ROOT / "results" / "photos-300"
 PAPER_REPORT = ROOT / "results" / "report"
 CSV_FLOAT = "%.6g"
