@@ -98,6 +98,10 @@ class Trainer:
         self.device = resolve_device(spec.device)
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        # On the CPU, the backward of tensor indexing (codebook[idx], inside vector-quantize-pytorch) accumulates
+        # in a thread-dependent order unless deterministic algorithms are on; there the deterministic kernel is
+        # also the faster one (0.6 ms against 1.7 ms for 8192 rows). On a GPU it would cost speed: left off.
+        torch.use_deterministic_algorithms(self.device.type == "cpu", warn_only=True)
         reset_peak_memory(self.device)
         self.data = load_dataset(spec.dataset, spec.data_root, spec.download).to(self.device)
         torch.manual_seed(spec.seed)
