@@ -10,7 +10,8 @@ from bench.models import build_model
 from bench.spec import RunSpec
 from methods import MethodError, TrainContext, create_method, standard_step
 from methods.fsq import PAPER_LEVELS
-from methods.gumbel import annealed_temperature
+from methods import gumbel
+from methods.gumbel import annealed_temperature, gumbel_noise
 from methods.ste import StraightThroughVQ
 
 D, K = 8, 16
@@ -140,6 +141,44 @@ def test_gumbel_sends_the_decoder_gradient_to_the_logits_through_a_hard_sample()
     (out.quantized * feature_map(seed=3)).sum().backward()
     assert q.to_logits.weight.grad.abs().sum() > 0
     assert z.grad.abs().sum() > 0
+
+
+def test_gumbel_estimator_matches_the_one_hot_straight_through_formula(monkeypatch):
+    """Value and gradients equal those of (one_hot + y_soft - sg(y_soft)) @ C, written out here in full."""
+    torch.manual_seed(0)
+    q = make("gumbel").train()
+    z = feature_map(h=8, w=8).requires_grad_()
+    noise = gumbel_noise(torch.empty(2 * 8 * 8, q.codebook_size))
+    monkeypatch.setattr(gumbel, "gumbel_noise", lambda like: noise)
+    upstream = feature_map(seed=3, h=8, w=8)
+
+    out = q(z)
+    (out.quantized * upstream).sum().backward()
+    ours = [t.grad.clone() for t in (z, q.to_logits.weight, q.codebook.weight)]
+    for t in (z, q.to_logits.weight, q.codebook.weight):
+        t.grad = None
+
+    logits = q.to_logits(z).permute(0, 2, 3, 1).reshape(-1, q.codebook_size)
+    y_soft = ((logits + noise) / q.temperature).softmax(-1)
+    y_hard = torch.nn.functional.one_hot((logits + noise).argmax(-1), q.codebook_size).float()
+    rows = (y_hard + (y_soft - y_soft.detach())) @ q.codebook.weight
+    expected = rows.reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
+    (expected * upstream).sum().backward()
+    assert torch.equal(out.quantized, expected)
+    for mine, theirs in zip(ours, (z.grad, q.to_logits.weight.grad, q.codebook.weight.grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_gumbel_noise_is_standard_gumbel_and_finite():
+    torch.manual_seed(0)
+    samples = gumbel_noise(torch.empty(1_000_000))
+    assert torch.isfinite(samples).all()
+    euler_gamma = 0.5772156649
+    assert float(samples.mean()) == pytest.approx(euler_gamma, abs=0.005)
+    assert float(samples.std()) == pytest.approx(math.pi / math.sqrt(6), abs=0.005)
+    # the CDF exp(-exp(-x)) at a few points
+    for x in (-1.0, 0.0, 1.0, 3.0):
+        assert float((samples <= x).float().mean()) == pytest.approx(math.exp(-math.exp(-x)), abs=0.003)
 
 
 def test_gumbel_samples_in_training_and_takes_the_argmax_in_eval():
