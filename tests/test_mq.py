@@ -420,3 +420,12 @@ def test_mq_presets_build_the_papers_latent_grids():
             z = model.encode(model.preprocess(torch.zeros(1, 3, size, size, dtype=torch.uint8)))
         assert z.shape == (1, spec.code_dim, grid, grid)
         assert model.quantizer.export_codebook().shape == (spec.codebook_size, spec.code_dim)
+
+
+def test_mq_alt_takes_exactly_mqs_options_less_the_hypergradient_ones_with_the_same_defaults():
+    """The two registrations spell their options out (the registry reads them from the signature); this keeps
+    the ablation's defaults from drifting away from the method it ablates."""
+    from methods.registry import method_options
+
+    mq, alt = method_options("mq"), method_options("mq-alt")
+    assert {k: v for k, v in mq.items() if k not in ("hypergrad", "fd_radius", "hypergrad_fp32")} == alt
