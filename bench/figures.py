@@ -11,7 +11,6 @@ user's matplotlibrc changes nothing), no PNG "Software" and no PDF "CreationDate
 from __future__ import annotations
 
 import contextlib
-import zlib
 from pathlib import Path
 
 import matplotlib
@@ -21,14 +20,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
-# A fixed palette slot (tab20) per method, so a method has one colour in every figure and every report, however
-# many methods a results directory holds. Related methods share a hue (dark / light). A method not listed here
-# gets one of the remaining slots from a hash of its name: stable, but it may collide; add it here.
-METHOD_SLOTS = {
-    "ste": 0, "ste-ln": 1, "ema": 2, "rotation": 3, "gumbel": 4, "cosine": 5, "mq": 6, "mq-alt": 7,
-    "fsq": 8, "lfq": 9, "simvq": 10, "affine": 11, "cvq": 12,
-}
-SPARE_SLOTS = tuple(sorted(set(range(20)) - set(METHOD_SLOTS.values())))
+from methods import palette_slots
+
+# Every method has one colour in every figure and report: its palette slot comes from its registration
+# (methods.palette_slots: claimed slots first, then free ones by name, never two methods on one slot).
+# Related methods claim neighbouring slots of tab20, which pairs a dark and a light shade of one hue.
+PALETTE = (*matplotlib.colormaps["tab20"].colors, *matplotlib.colormaps["tab20b"].colors,
+           *matplotlib.colormaps["tab20c"].colors)
 
 RC = {
     "font.family": "DejaVu Sans",  # bundled with matplotlib: the same glyphs on every machine
@@ -70,10 +68,7 @@ CURVE_PANELS = [
 
 def method_colour(method: str) -> str:
     """The method's colour (hex), the same in every figure; `method` is the registered name (spec.method)."""
-    slot = METHOD_SLOTS.get(method)
-    if slot is None:
-        slot = SPARE_SLOTS[zlib.crc32(method.encode()) % len(SPARE_SLOTS)]
-    return matplotlib.colors.to_hex(matplotlib.colormaps["tab20"].colors[slot])
+    return matplotlib.colors.to_hex(PALETTE[palette_slots([method])[method]])
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from scipy import stats
 from bench import UserError
 from bench.records import load_records, read_records
 from bench.spec import RunSpec
+from methods import reference_method
 
 ROOT = Path(__file__).resolve().parent.parent
 # The committed set lives in its own experiment folder, so records a user adds under results/ (the main job
@@ -253,7 +254,8 @@ def paired_difference(values: pd.Series, reference: pd.Series, confidence: float
 
 
 def default_reference(labels: list[str]) -> str:
-    return "ste" if "ste" in labels else sorted(labels)[0]
+    reference = reference_method()
+    return reference if reference in labels else sorted(labels)[0]
 
 
 def differences_table(runs: pd.DataFrame, reference: str) -> Table | None:

@@ -27,7 +27,7 @@ from methods.registry import register
 from methods.ste import straight_through_vq
 
 
-@register("affine")
+@register("affine", palette_slot=11)
 class AffineVQ(Quantizer):
     def __init__(
         self,

@@ -36,7 +36,7 @@ from methods.ste import straight_through_vq
 ANCHORS = ("closest", "random")
 
 
-@register("cvq")
+@register("cvq", palette_slot=12)
 class ClusteredVQ(Quantizer):
     def __init__(
         self,

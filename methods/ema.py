@@ -63,7 +63,7 @@ PLAIN_EMA_VQ = dict(
 )
 
 
-@register("ema")
+@register("ema", palette_slot=2)
 class EMAVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment_weight: float = 0.25):
         super().__init__(dim, codebook_size, **{**PLAIN_EMA_VQ, "decay": decay, "commitment_weight": commitment_weight})

@@ -66,7 +66,7 @@ def resolve_levels(codebook_size: int, levels) -> tuple[int, ...]:
     return levels
 
 
-@register("fsq")
+@register("fsq", palette_slot=8)
 class FiniteScalarQuantizer(Quantizer):
     def __init__(self, dim: int, codebook_size: int, levels=None):
         super().__init__()

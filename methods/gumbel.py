@@ -53,7 +53,7 @@ def gumbel_noise(like: Tensor) -> Tensor:
     return uniform.log_().neg_().log_().neg_()
 
 
-@register("gumbel")
+@register("gumbel", palette_slot=4)
 class GumbelVQ(Quantizer):
     def __init__(
         self,

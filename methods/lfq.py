@@ -31,7 +31,7 @@ def bits_for(codebook_size: int) -> int:
     return codebook_size.bit_length() - 1
 
 
-@register("lfq")
+@register("lfq", palette_slot=9)
 class LookupFreeQuantizer(Quantizer):
     def __init__(
         self,

@@ -435,7 +435,7 @@ class MetaQuantizer(Quantizer):
 
 # --- registration -------------------------------------------------------------------------------------------------
 
-@register("mq")
+@register("mq", palette_slot=6)
 def mq(
     dim: int,
     codebook_size: int,
@@ -465,7 +465,7 @@ def mq(
     )
 
 
-@register("mq-alt")
+@register("mq-alt", palette_slot=7)
 def mq_alt(
     dim: int,
     codebook_size: int,

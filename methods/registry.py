@@ -2,27 +2,57 @@
 
 A method module decorates its adapter class (or a factory function) with `@register("name")`. Every
 factory takes `dim` (the code dimension D of the encoder's output) and `codebook_size` (K) plus its own
-keyword options; `create_method` checks option names before building, so a typo is an error, not a default.
+keyword options, each annotated with its type; `create_method` checks option names before building, so a typo
+is an error, not a default.
+
+Everything the harness shows about a method comes from here too: `palette_slot` fixes its colour in every
+figure (two methods claiming one slot is an error at import time; a method that claims none gets a free slot,
+see `palette_slots`), and `reference=True` marks the one method that comparisons are quoted against by default.
+
+Modules are discovered: `methods/__init__.py` imports every module of this package, and every module named by
+an entry point of the group `vq_bench.methods` (a method living in another installed package).
 """
 from __future__ import annotations
 
 import inspect
+import typing
+from dataclasses import dataclass
 from typing import Callable
 
 from methods.base import Quantizer
 
-_REGISTRY: dict[str, Callable[..., Quantizer]] = {}
+PALETTE_SIZE = 60  # matplotlib's tab20, tab20b and tab20c one after another
 
 
 class MethodError(ValueError):
     """A user-caused error in choosing or configuring a method; its message names the fix."""
 
 
-def register(name: str):
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    factory: Callable[..., Quantizer]
+    palette_slot: int | None  # position in the report's palette; None: the first free one, see palette_slots
+    reference: bool  # the default reference of paired comparisons and speed ratios
+    module: str
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register(name: str, *, palette_slot: int | None = None, reference: bool = False):
     def add(factory: Callable[..., Quantizer]) -> Callable[..., Quantizer]:
         if name in _REGISTRY:
-            raise RuntimeError(f"method {name!r} registered twice")
-        _REGISTRY[name] = factory
+            raise RuntimeError(f"method {name!r} registered twice ({_REGISTRY[name].module} and {factory.__module__})")
+        if palette_slot is not None:
+            if not 0 <= palette_slot < PALETTE_SIZE:
+                raise RuntimeError(f"method {name!r}: palette_slot must be in [0, {PALETTE_SIZE}), got {palette_slot}")
+            taken = [e.name for e in _REGISTRY.values() if e.palette_slot == palette_slot]
+            if taken:
+                raise RuntimeError(f"method {name!r}: palette slot {palette_slot} is already {taken[0]!r}'s")
+        if reference and reference_method() is not None:
+            raise RuntimeError(f"method {name!r}: {reference_method()!r} is already the reference method")
+        _REGISTRY[name] = MethodEntry(name, factory, palette_slot, reference, factory.__module__)
         return factory
 
     return add
@@ -32,18 +62,46 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_entry(name: str) -> MethodEntry:
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def reference_method() -> str | None:
+    """The registered method that comparisons are quoted against by default (`ste`)."""
+    return next((e.name for e in _REGISTRY.values() if e.reference), None)
+
+
+def palette_slots(extra: typing.Iterable[str] = ()) -> dict[str, int]:
+    """A palette position for every registered method and every name in `extra`, distinct by construction:
+    claimed slots first, then the remaining names in sorted order over the free slots. Cycles only past 60."""
+    slots = {e.name: e.palette_slot for e in _REGISTRY.values() if e.palette_slot is not None}
+    free = [s for s in range(PALETTE_SIZE) if s not in slots.values()]
+    for i, name in enumerate(sorted((set(_REGISTRY) | set(extra)) - set(slots))):
+        slots[name] = free[i % len(free)]
+    return slots
+
+
+def _signature(name: str) -> list[inspect.Parameter]:
+    params = inspect.signature(method_entry(name).factory).parameters.values()
+    return [p for p in params
+            if p.name not in ("self", "dim", "codebook_size") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
 def method_options(name: str) -> dict[str, object]:
     """The options a method takes, with their defaults (dim and codebook_size excluded)."""
-    params = inspect.signature(_get(name)).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.name not in ("self", "dim", "codebook_size") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    }
+    return {p.name: p.default for p in _signature(name)}
+
+
+def method_option_types(name: str) -> dict[str, object]:
+    """The options' annotated types (`float`, `int | None`, `tuple[int, ...]`), for parsing and checking."""
+    factory = method_entry(name).factory
+    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    return {p.name: hints.get(p.name, typing.Any) for p in _signature(name)}
 
 
 def create_method(name: str, *, dim: int, codebook_size: int, **options) -> Quantizer:
-    factory = _get(name)
     known = method_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -51,10 +109,4 @@ def create_method(name: str, *, dim: int, codebook_size: int, **options) -> Quan
             f"method {name!r} has no option {', '.join(unknown)}; its options are: "
             + (", ".join(f"{k}={v!r}" for k, v in known.items()) or "none")
         )
-    return factory(dim=dim, codebook_size=codebook_size, **options)
-
-
-def _get(name: str) -> Callable[..., Quantizer]:
-    if name not in _REGISTRY:
-        raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
-    return _REGISTRY[name]
+    return method_entry(name).factory(dim=dim, codebook_size=codebook_size, **options)

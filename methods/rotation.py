@@ -24,7 +24,7 @@ from methods.ema import PLAIN_EMA_VQ, LibraryVQ
 from methods.registry import register
 
 
-@register("rotation")
+@register("rotation", palette_slot=3)
 class RotationVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
         super().__init__(dim, codebook_size, **{

@@ -24,7 +24,7 @@ def _keep(codebook: Tensor) -> Tensor:
     return codebook
 
 
-@register("simvq")
+@register("simvq", palette_slot=10)
 class SimVQAdapter(Quantizer):
     def __init__(
         self,

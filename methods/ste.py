@@ -81,11 +81,11 @@ class StraightThroughVQ(Quantizer):
         return self.codebook.weight.detach().clone()
 
 
-@register("ste")
+@register("ste", palette_slot=0, reference=True)
 def ste(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
     return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=False)
 
 
-@register("ste-ln")
+@register("ste-ln", palette_slot=1)
 def ste_ln(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
     return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=True)
