@@ -8,7 +8,6 @@ the training split.
 from __future__ import annotations
 
 
-import torch
 from torch import Tensor
 
 from bench.fid import fid_metrics, lpips_metric

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.metrics import to_uint8
+from methods.schedules import warmup_cosine
 
 Autocast = Callable[[], ContextManager]
 
@@ -208,14 +209,6 @@ def code_grids(model, images: Tensor, batch_size: int = 500,
     return torch.cat(grids).long()
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def bits_per_code(prior: CodePrior, grids: Tensor, batch_size: int = 500,
                   autocast: Autocast = contextlib.nullcontext) -> float:
@@ -251,7 +244,7 @@ def train_prior(grids: Tensor, codebook_size: int, config: PriorConfig, device: 
         prior.train()
         for step in range(config.steps):
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps)
+                group["lr"] = config.lr * warmup_cosine(step, config.warmup_steps, config.steps, floor=0.1)
             batch = grids[torch.randint(len(grids), (config.batch_size,), device=device)]  # (B, H, W)
             with autocast():
                 loss = prior.nll(batch)

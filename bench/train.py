@@ -10,7 +10,6 @@ the last checkpoint in its work directory, and calling it when the record exists
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bench import UserError
-from bench.data import IndexStream, load_dataset
+from bench.datasets import IndexStream, load_dataset
 from bench.environment import environment, peak_memory_mb, reset_peak_memory
 from bench.evaluation import evaluate_test
 from bench.metrics import evaluate_split, mean_batch_perplexity
@@ -27,17 +26,10 @@ from bench.models import build_model
 from bench.records import write_record
 from bench.spec import RunSpec
 from methods import TrainContext
+from methods.schedules import warmup_cosine
 
 TRAIN_STREAM, EXTRA_STREAM = 0, 1  # the harness's batches, and the method's further batches (MQ's outer)
 LOG_EVERY = 10  # progress-bar refreshes; each one syncs the host with the device
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,7 +142,7 @@ class Trainer:
         segment_start = time.perf_counter()
         while self.step < until:
             for group in self.optimizer.param_groups:
-                group["lr"] = spec.lr * lr_factor(self.step, spec.warmup_steps, spec.steps)
+                group["lr"] = spec.lr * warmup_cosine(self.step, spec.warmup_steps, spec.steps)
             images = self.data.train[self.train_stream(self.step)]
             self.prefetch(self.train_stream, self.step + 1)
             self.ctx.step = self.step

@@ -29,18 +29,17 @@ plain `ste-ln` module with the same projection, LayerNorm and fixed codebook tha
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
 from methods.base import (
-    Quantizer, QuantizerOutput, StepResult, TrainContext, from_rows, nearest_code, standard_step, to_rows,
+    Quantizer, QuantizerOutput, StepResult, TrainContext, nearest_code, standard_step, to_rows,
 )
 from methods.registry import MethodError, register
+from methods.schedules import warmup_cosine
 from methods.ste import LayerNormProjection, StraightThroughVQ, straight_through_vq
 
 HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh")
@@ -259,12 +258,8 @@ class MetaQuantizer(Quantizer):
         """Linear warm-up over outer_warmup of the run, then cosine decay to zero at total_steps (inner steps)."""
         if self.total_steps <= 0:  # no run length given: no schedule
             return self.outer_lr
-        total = self.total_steps
-        warmup = self.outer_warmup * total
-        if step < warmup:
-            return self.outer_lr * step / warmup
-        progress = (step - warmup) / max(total - warmup, 1.0)
-        return self.outer_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        warmup = self.outer_warmup * self.total_steps
+        return self.outer_lr * warmup_cosine(step, warmup, self.total_steps, warmup_from_zero=True)
 
     # --- training: the bi-level step --------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from bench.models import VQModel
 from bench.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from bench.models.perceptual import LPIPS
 from methods import Quantizer, QuantizerOutput
+from methods.schedules import warmup_cosine
 
 # Defaults: taming-transformers' f16 ImageNet VQGAN (ch 128, ch_mult 1,1,2,2,4, 2 blocks, attention at 16x16,
 # z_channels 256, disc_weight 0.8, 3-layer discriminator with 64 channels), the warm-up as a fraction (0.1: the
@@ -183,13 +184,6 @@ def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
     return weight.clamp(0.0, 1e4).detach()
 
 
-def schedule_factor(k: int, warmup: int, total: int) -> float:
-    """The discriminator's `cosine` schedule over its own steps k: linear warm-up, then cosine decay to zero."""
-    if k < warmup:
-        return (k + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (k - warmup) / max(1, total - warmup))))
-
-
 class VQGANModel(VQModel):
     """VQModel whose task loss adds the perceptual and adversarial generator terms, and which trains its own
     discriminator after every step of the method (after_step), whatever the method."""
@@ -262,7 +256,7 @@ class VQGANModel(VQModel):
         fake = self._fake[1] if self._fake is not None and self._fake[0] is images else self.reconstruct(images)
         self._fake = None
         if self.disc_schedule == "cosine":
-            factor = schedule_factor(self.step - self.disc_start_step, self.disc_warmup_steps,
+            factor = warmup_cosine(self.step - self.disc_start_step, self.disc_warmup_steps,
                                      self.total_steps - self.disc_start_step)
             for group in self.disc_optimizer.param_groups:
                 group["lr"] = self.disc_lr * factor
@@ -309,7 +303,7 @@ def vqgan_options(spec) -> dict:
         raise UserError(f"unknown vqgan model option(s) {', '.join(unknown)}; valid: {', '.join(VQGAN_OPTIONS)}")
     o = {**VQGAN_OPTIONS, **spec.model_options}
     if o["resolution"] is None:
-        from bench.data import image_size
+        from bench.datasets import image_size
 
         o["resolution"] = image_size(spec.dataset)
     positive = ("ch", "num_res_blocks", "z_channels", "norm_groups", "resolution", "disc_layers", "disc_channels")
