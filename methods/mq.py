@@ -29,7 +29,7 @@ plain `ste-ln` module with the same projection, LayerNorm and fixed codebook tha
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ from methods.schedules import warmup_cosine
 from methods.ste import LayerNormProjection, StraightThroughVQ, straight_through_vq
 
 HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh")
-HYPERGRADS = ("darts", "jvp", "unrolled")
+HYPERGRADS = ("darts", "jvp")
 
 
 # --- the generated codebook ------------------------------------------------------------------------------------
@@ -96,35 +96,6 @@ def full_precision(device_type: str) -> Iterator[None]:
         finally:
             setattr(conv, flag, saved[0])
             setattr(matmul, flag, saved[1])
-
-
-def unrolled_hypergradient(
-    inner_loss: Callable[[], Tensor],
-    outer_loss: Callable[[Sequence[Tensor]], Tensor],
-    theta: Sequence[Tensor],
-    phi: Sequence[Tensor],
-    inner_lr: float,
-) -> list[Tensor]:
-    """d/d phi of outer_loss(theta - inner_lr * grad_theta inner_loss(theta, phi), phi), by autograd.
-
-    inner_loss() evaluates the inner loss at the current theta (leaf tensors); outer_loss(updated) evaluates the
-    outer loss with theta replaced by `updated`. Both depend on phi (leaf tensors) however they like.
-    """
-    grads = torch.autograd.grad(inner_loss(), theta, create_graph=True, allow_unused=True)
-    updated = [t if g is None else t - inner_lr * g for t, g in zip(theta, grads)]
-    out = torch.autograd.grad(outer_loss(updated), phi, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(phi, out)]
-
-
-class _CallWith(nn.Module):
-    """Lets torch.func.functional_call swap a model's parameters for the duration of an arbitrary call."""
-
-    def __init__(self, model: nn.Module, fn: Callable):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 # --- the adapter -------------------------------------------------------------------------------------------------
@@ -283,9 +254,6 @@ class MetaQuantizer(Quantizer):
         if not self.meta:
             with record_function("mq/outer"):
                 return self.direct_gradient(ctx, outer_images)
-        if self.hypergrad == "unrolled":
-            with record_function("mq/hypergrad"):
-                return self.unrolled_gradient(ctx, inner_images, outer_images)
         theta = self.theta(ctx)
         with record_function("mq/outer"):
             loss, _ = ctx.loss_fn(outer_images)
@@ -410,22 +378,6 @@ class MetaQuantizer(Quantizer):
             _, sums, rows = self.code_sums(codebook, z, values=jv)
             term = self.codebook_objective(codebook, torch.zeros_like(sums[:, 0]), -sums, rows)
         return list(torch.autograd.grad(term, phi))
-
-    def unrolled_gradient(self, ctx: TrainContext, inner_images: Tensor, outer_images: Tensor) -> list[Tensor]:
-        """d_phi L_outer(theta - lr * grad_theta L_inner(theta, phi), phi) through autograd, one SGD step at the
-        inner optimizer's lr from the current theta. Every path from phi to grad_theta L_inner passes a
-        stop-gradient, so autograd finds no path from phi to the update and this reduces to the direct gradient
-        d_phi L_outer at the unrolled theta: it exists to show that, at the cost of a double backward."""
-        theta, phi = self.theta(ctx), self.method_parameters()
-        names = {id(p): name for name, p in ctx.model.named_parameters()}
-        wrapper = _CallWith(ctx.model, ctx.loss_fn)
-        inner_lr = ctx.optimizer.param_groups[0]["lr"]
-
-        def outer_loss(updated: Sequence[Tensor]) -> Tensor:
-            swapped = {f"model.{names[id(p)]}": t for p, t in zip(theta, updated)}
-            return torch.func.functional_call(wrapper, swapped, (outer_images,), strict=False)[0]
-
-        return unrolled_hypergradient(lambda: ctx.loss_fn(inner_images)[0], outer_loss, theta, phi, inner_lr)
 
 
 # --- registration -------------------------------------------------------------------------------------------------

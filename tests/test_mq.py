@@ -9,8 +9,7 @@ import torch
 from bench.models import VQModel, build_model
 from bench.spec import RunSpec
 from methods import MethodError, TrainContext, create_method
-from methods.base import to_rows
-from methods.mq import unrolled_hypergradient
+from torch import nn
 
 
 def tiny_model(method="mq", seed=0, double=False, **options):
@@ -168,6 +167,45 @@ def test_autograd_mixed_derivative_is_zero_while_the_finite_difference_is_not():
     assert flat(q.darts_term(ctx, inner, v)).norm() > 1e-3 * flat(grad_phi).norm()
 
 
+# --- the unrolled hypergradient: a check that the stop-gradients leave autograd nothing to unroll -----------------
+
+def unrolled_hypergradient(inner_loss, outer_loss, theta, phi, inner_lr):
+    """d/d phi of outer_loss(theta - inner_lr * grad_theta inner_loss(theta, phi), phi), by autograd.
+
+    inner_loss() evaluates the inner loss at the current theta (leaf tensors); outer_loss(updated) evaluates the
+    outer loss with theta replaced by `updated`. Both depend on phi (leaf tensors) however they like.
+    """
+    grads = torch.autograd.grad(inner_loss(), theta, create_graph=True, allow_unused=True)
+    updated = [t if g is None else t - inner_lr * g for t, g in zip(theta, grads)]
+    out = torch.autograd.grad(outer_loss(updated), phi, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(phi, out)]
+
+
+class CallWith(nn.Module):
+    """Lets torch.func.functional_call swap a model's parameters for the duration of an arbitrary call."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def unrolled_gradient(q, ctx, inner_images, outer_images):
+    """d_phi L_outer(theta - lr * grad_theta L_inner(theta, phi), phi), one SGD step at the inner lr."""
+    theta, phi = q.theta(ctx), q.method_parameters()
+    names = {id(p): name for name, p in ctx.model.named_parameters()}
+    wrapper = CallWith(ctx.model, ctx.loss_fn)
+    inner_lr = ctx.optimizer.param_groups[0]["lr"]
+
+    def outer_loss(updated):
+        swapped = {f"model.{names[id(p)]}": t for p, t in zip(theta, updated)}
+        return torch.func.functional_call(wrapper, swapped, (outer_images,), strict=False)[0]
+
+    return unrolled_hypergradient(lambda: ctx.loss_fn(inner_images)[0], outer_loss, theta, phi, inner_lr)
+
+
 def test_unrolled_hypergradient_equals_finite_differences_on_a_smooth_problem():
     """A stand-in with no argmin and no stop-gradient: phi does reach the inner update here."""
     g = torch.Generator().manual_seed(0)
@@ -204,12 +242,12 @@ def test_unrolled_hypergradient_equals_finite_differences_on_a_smooth_problem():
 
 
 def test_unrolled_on_the_stop_gradient_model_reduces_to_the_direct_gradient():
-    model = tiny_model(double=True, hyper_net="linear", latent_dim=8, hypergrad="unrolled")
+    model = tiny_model(double=True, hyper_net="linear", latent_dim=8)
     inner, outer = batches(2)
     ctx = context(model, Stream([outer]))
     q = model.quantizer
     lr = ctx.optimizer.param_groups[0]["lr"]
-    unrolled = flat(q.unrolled_gradient(ctx, inner, outer))
+    unrolled = flat(unrolled_gradient(q, ctx, inner, outer))
 
     # the direct gradient at the theta of one plain SGD step
     reference = copy.deepcopy(model)
