@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bench import UserError
-from bench.data import list_datasets, load_dataset
+from bench.datasets import list_datasets, load_dataset
 from bench.inception import find_inception_weights
 from bench.launch import LAUNCHERS
 from bench.models import MODELS

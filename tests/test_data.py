@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from bench import UserError
-from bench.data import CIFAR_DIR, IndexStream, load_cifar10, load_dataset, load_photos
+from bench.datasets import IndexStream, load_dataset
+from bench.datasets.cifar import CIFAR_DIR, load_cifar10
+from bench.datasets.photos import load_photos
 
 
 def write_fake_cifar(root, per_batch=20, seed=0):

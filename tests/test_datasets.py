@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from bench import UserError
-from bench.data import ImageFiles, image_size, load_dataset, parse_dataset
+from bench.datasets import ImageFiles, image_size, load_dataset, parse_dataset
 
 
 def write_idx_images(path, images: np.ndarray, gz: bool):

@@ -1,7 +1,7 @@
 """The update-rule hook: a method that replaces the training step gets the context the contract promises."""
 import torch
 
-from bench.data import IndexStream, load_dataset
+from bench.datasets import IndexStream, load_dataset
 from bench.train import EXTRA_STREAM, TRAIN_STREAM, Trainer
 from methods import register, standard_step
 from methods.ste import StraightThroughVQ

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bench.data import ImageSplits
+from bench.datasets import ImageSplits
 from bench.models import build_model
 from bench.prior import (CodePrior, PriorConfig, bits_per_code, code_grids, run_stage2, sample_images,
                          train_prior)

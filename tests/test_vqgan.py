@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench import UserError
-from bench.data import DATASETS, IMAGE_SIZES, ImageSplits
+from bench.datasets import DATASETS, DatasetInfo, ImageSplits
 from bench.metrics import PROTOCOL_METRICS
 from bench.models import build_model
 from bench.models.perceptual import LPIPS, VGG16_STAGES, bundled_heads
@@ -34,8 +34,7 @@ def tiny_data(monkeypatch):
         images = (images * 255).round().to(torch.uint8)
         return ImageSplits("tiny16", images[:64], images[64:80], images[80:])
 
-    monkeypatch.setitem(DATASETS, "tiny16", load)
-    monkeypatch.setitem(IMAGE_SIZES, "tiny16", 16)
+    monkeypatch.setitem(DATASETS, "tiny16", DatasetInfo("tiny16", load, image_size=16))
     return "tiny16"
 
 
@@ -171,7 +170,7 @@ def test_generator_loss_includes_perceptual_and_adversarial_terms_and_spares_dis
     torch.manual_seed(0)
     model = build_model(vqgan_spec(tiny_data, perceptual_weight=1.0, perceptual_weights_path="random"))
     model.setup_training(6)
-    images = DATASETS[tiny_data]().train[:4]
+    images = DATASETS[tiny_data].loader().train[:4]
     model.before_step(0)
     plain, _ = model.task_loss(images)
     assert set(model.last) == {"rec", "perceptual"} and model.last["perceptual"] > 0
