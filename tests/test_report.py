@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import figures
 from bench.records import write_record
+from bench.report import figures
 from bench.report import (build_report, differences_table, load, main, null_reasons, paired_difference, prepare,
                           records_table, summary_table, to_markdown, COST, QUALITY)
 from bench.spec import RunSpec
@@ -366,8 +366,8 @@ def test_regenerating_gives_byte_identical_tables(grid, tmp_path):
 
 def test_paper_mode_reads_the_committed_results_and_writes_their_report(grid, monkeypatch, capsys, tmp_path):
     folder, _, _ = grid
-    monkeypatch.setattr("bench.report.PAPER_RESULTS", folder)
-    monkeypatch.setattr("bench.report.PAPER_REPORT", tmp_path / "paper")
+    monkeypatch.setattr("bench.report.cli.PAPER_RESULTS", folder)
+    monkeypatch.setattr("bench.report.cli.PAPER_REPORT", tmp_path / "paper")
     assert main(["--paper", "--no-figures"]) == 0
     assert (tmp_path / "paper" / "report.md").read_text() in capsys.readouterr().out
     assert (tmp_path / "paper" / "exp" / "photos" / "quality.tex").exists()

@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from bench.report.runs import numeric
 from methods import palette_slots
 
 # Every method has one colour in every figure and report: its palette slot comes from its registration
@@ -102,17 +103,11 @@ def _labels(runs: pd.DataFrame) -> list[str]:
     return sorted(runs["method"].unique())
 
 
-def _numeric(runs: pd.DataFrame, column: str) -> pd.Series:
-    if column not in runs:
-        return pd.Series(np.nan, index=runs.index)
-    return pd.to_numeric(runs[column], errors="coerce")
-
-
 # --- bar charts ----------------------------------------------------------------------------------------------
 
 def bar_figure(runs: pd.DataFrame, column: str, ylabel: str, direction: str = "") -> Figure | str:
     """Mean over seeds per method, error bar one standard deviation (ddof 1), one dot per seed."""
-    values = _numeric(runs, column)
+    values = numeric(runs, column)
     if values.isna().all():
         return "no values"
     labels, colours = _labels(runs), _colours(runs)
@@ -285,9 +280,9 @@ def reconstruction_figure(runs: pd.DataFrame, records: dict[str, dict]) -> Figur
 
 def quality_cost_columns(runs: pd.DataFrame) -> tuple[tuple[str, str], tuple[str, str]]:
     """((y column, y label), (x column, x label)): rFID if any run has it else MSE, against train_s or wall_s."""
-    y = (("metrics.rfid", "rFID (lower is better)") if _numeric(runs, "metrics.rfid").notna().any()
+    y = (("metrics.rfid", "rFID (lower is better)") if numeric(runs, "metrics.rfid").notna().any()
          else ("metrics.mse", "test MSE, pixels in [0, 1] (lower is better)"))
-    x = (("cost.train_s", "training time (s, validation excluded)") if _numeric(runs, "cost.train_s").notna().any()
+    x = (("cost.train_s", "training time (s, validation excluded)") if numeric(runs, "cost.train_s").notna().any()
          else ("cost.wall_s", "wall time (s)"))
     return y, x
 
@@ -295,7 +290,7 @@ def quality_cost_columns(runs: pd.DataFrame) -> tuple[tuple[str, str], tuple[str
 def quality_cost_figure(runs: pd.DataFrame) -> Figure | str:
     """One point per run, coloured by method."""
     (y, ylabel), (x, xlabel) = quality_cost_columns(runs)
-    xs, ys = _numeric(runs, x), _numeric(runs, y)
+    xs, ys = numeric(runs, x), numeric(runs, y)
     if (xs.notna() & ys.notna()).sum() == 0:
         return f"no run has both {x} and {y}"
     colours = _colours(runs)

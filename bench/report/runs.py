@@ -1,0 +1,93 @@
+"""Records -> the runs DataFrame that every table and figure reads.
+
+One row per (experiment, dataset, method label, seed) with columns experiment, dataset, method (the label),
+base_method, seed, path, metrics.*, cost.*, spec.* (nested options as spec.method_options.NAME).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.records import load_records, read_records
+from bench.spec import RunSpec
+
+# Fields that do not tell two configurations of a method apart (the group keys, the seed, how it ran).
+NOT_IDENTITY = {"spec.seed", "spec.method", "spec.dataset", "spec.experiment"} | {
+    f"spec.{name}" for name in RunSpec.RUNTIME_FIELDS}
+
+
+def load(directory: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """(one row per run, the raw records by path). Nested spec values (method_options, model_options) become
+    spec.method_options.NAME columns. Raises UserError when there is no record."""
+    frame = load_records(directory)
+    records = {r["_path"]: r for r in read_records(directory)}
+    nested = pd.DataFrame([
+        {f"spec.{key}.{name}": value for key, options in records[path]["spec"].items() if isinstance(options, dict)
+         for name, value in options.items()}
+        for path in frame["path"]], index=frame.index)
+    return pd.concat([frame, nested], axis=1), records
+
+
+def canonical(value) -> str:
+    """A spec value as comparable text (None and NaN, from a field a record lacks, read the same)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "None"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def method_labels(frame: pd.DataFrame) -> pd.Series:
+    """The method name, or where runs of one method in one (experiment, dataset) differ in more than the seed,
+    the name plus what differs: "mq (outer_every=2)". Different configurations are never averaged together."""
+    columns = sorted(c for c in frame if c.startswith("spec.") and c not in NOT_IDENTITY)
+    text = frame[columns].map(canonical) if columns else pd.DataFrame(index=frame.index)
+    labels = frame["spec.method"].astype(str).copy()
+    for (_, _, method), index in frame.groupby(["experiment", "spec.dataset", "spec.method"]).groups.items():
+        varying = [c for c in columns if text.loc[index, c].nunique() > 1]
+        for i in index:
+            if varying:
+                short = lambda c: c.split(".")[-1]  # noqa: E731
+                labels[i] = f"{method} (" + ", ".join(f"{short(c)}={text.at[i, c]}" for c in varying) + ")"
+    return labels
+
+
+def prepare(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """-> (runs, notes). runs: one row per (experiment, dataset, method label, seed) with columns experiment,
+    dataset, method (the label), base_method, seed, path, metrics.*, cost.*; sorted. A second record of the
+    same run (a copy in another folder) is dropped, with a note."""
+    runs = frame.copy()
+    runs["method"] = method_labels(frame)
+    runs["base_method"] = frame["spec.method"].astype(str)
+    runs["dataset"] = frame["spec.dataset"].astype(str)
+    runs["experiment"] = frame["experiment"].astype(str)
+    runs["seed"] = pd.to_numeric(frame["spec.seed"]).astype(int)
+    runs = runs.sort_values(["experiment", "dataset", "method", "seed", "path"], kind="stable")
+    key = ["experiment", "dataset", "method", "seed"]
+    duplicated = runs.duplicated(key, keep="first")
+    notes = [f"ignored {path}: the same run as another record" for path in runs.loc[duplicated, "path"]]
+    return runs[~duplicated].reset_index(drop=True), notes
+
+
+def groups(runs: pd.DataFrame):
+    """((experiment, dataset), runs of that group), sorted."""
+    for key, group in runs.groupby(["experiment", "dataset"], sort=True):
+        yield key, group.reset_index(drop=True)
+
+
+def numeric(runs: pd.DataFrame, column: str) -> pd.Series:
+    """The column as numbers (null where a run lacks it or holds no number); all null where no run has it."""
+    if column not in runs:
+        return pd.Series(np.nan, index=runs.index)
+    return pd.to_numeric(runs[column], errors="coerce")
+
+
+def null_reasons(runs: pd.DataFrame, records: dict[str, dict]) -> dict[str, list[str]]:
+    """metric column -> the distinct reasons the group's records give for its nulls."""
+    reasons: dict[str, set[str]] = {}
+    for path in runs["path"]:
+        for name, reason in (records.get(path, {}).get("null_reasons") or {}).items():
+            reasons.setdefault(f"metrics.{name}", set()).add(str(reason))
+    return {column: sorted(texts) for column, texts in reasons.items()}

@@ -1,0 +1,218 @@
+"""The report's tables, each for one (experiment, dataset) group of runs (a DataFrame from runs.prepare):
+quality and cost (mean ± std over seeds, the best in bold), differences to a reference method (paired by seed,
+with a 95% t-interval) and validation MSE at equal training time. A Table holds text cells and the numbers
+behind them; formats.py writes it as markdown, LaTeX and CSV."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from bench.report.runs import numeric
+from bench.report.stats import fmt, mean_sd, paired_difference
+from methods import reference_method
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str
+    label: str
+    better: int  # +1: higher is better, -1: lower is better, 0: neither (no best is marked)
+    digits: int
+    scale: float = 1.0  # shown as value * scale (parameters in millions)
+    caveat: str = ""  # said under every table that shows the metric
+
+    @property
+    def name(self) -> str:
+        return self.column.split(".", 1)[1]
+
+
+QUALITY = [
+    Metric("metrics.mse", "MSE", -1, 5),
+    Metric("metrics.psnr", "PSNR (dB)", +1, 2),
+    Metric("metrics.ssim", "SSIM", +1, 3),
+    Metric("metrics.perplexity", "perplexity", +1, 1),
+    Metric("metrics.usage", "usage", +1, 3),
+    Metric("metrics.dead_codes", "dead codes", -1, 1),
+    Metric("metrics.quant_error", "quant. error", 0, 4),  # scales differ between methods (LayerNorm, FSQ)
+    Metric("metrics.rfid", "rFID", -1, 2),
+    Metric("metrics.kid", "KID", -1, 4),
+    Metric("metrics.lpips", "LPIPS", -1, 3),
+    Metric("metrics.gfid", "gFID", -1, 2),
+    Metric("metrics.prior_bits_per_code", "prior bits/code", 0, 3),
+]
+COST = [
+    Metric("cost.train_s", "train time (s)", -1, 1),
+    Metric("cost.wall_s", "wall time (s)", -1, 1),
+    Metric("cost.train_images_per_s", "train img/s", +1, 1),
+    Metric("cost.peak_mem_mb", "peak memory (MB)", -1, 0,
+           caveat="peak memory: on a GPU the allocator's peak; on the CPU the process's resident high-water mark "
+                  "from the run's start, which includes what earlier runs in the same process left allocated "
+                  "(the inline launcher runs a whole grid in one process), so compare CPU figures only between "
+                  "runs in separate processes (--launcher local or slurm, python -m bench.perf --memory)"),
+    Metric("cost.params_total", "params (M)", 0, 3, 1e-6),
+    Metric("cost.params_method", "method params (M)", 0, 3, 1e-6),
+]
+
+
+def values_of(runs: pd.DataFrame, metric: Metric) -> pd.Series:
+    return numeric(runs, metric.column) * metric.scale
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    bold: list[list[bool]]
+    data: pd.DataFrame  # the numbers behind the table, written as CSV
+    notes: list[str] = field(default_factory=list)
+    text_columns: int = 1  # the first columns are names (left-aligned), the rest numbers (right-aligned)
+
+
+def best_rows(means: list[float], metric: Metric) -> list[bool]:
+    """Which rows hold the best mean as displayed (ties at the shown precision are all best). Nothing is best
+    when the metric has no direction or fewer than two rows have a value."""
+    shown = [None if pd.isna(m) else round(m, metric.digits) for m in means]
+    present = [s for s in shown if s is not None]
+    if metric.better == 0 or len(present) < 2:
+        return [False] * len(means)
+    best = max(present) if metric.better > 0 else min(present)
+    return [s == best for s in shown]
+
+
+# --- quality and cost ------------------------------------------------------------------------------------------
+
+def summary_table(runs: pd.DataFrame, metrics: list[Metric], name: str, title: str,
+                  reasons: dict[str, list[str]] | None = None) -> Table | None:
+    """Rows: methods; columns: metrics with at least one value; cells: mean ± std (ddof 1) over seeds."""
+    present = [m for m in metrics if values_of(runs, m).notna().any()]
+    if not present:
+        return None
+    labels = sorted(runs["method"].unique())
+    experiment, dataset = runs["experiment"].iloc[0], runs["dataset"].iloc[0]
+    cells = {label: {} for label in labels}
+    data = []
+    for metric in present:
+        values = values_of(runs, metric)
+        summary = {label: values[runs["method"] == label].dropna() for label in labels}
+        means = [s.mean() if len(s) else np.nan for s in summary.values()]
+        for (label, seeds), best in zip(summary.items(), best_rows(means, metric)):
+            mean, std = (seeds.mean(), seeds.std(ddof=1)) if len(seeds) else (np.nan, np.nan)
+            text = mean_sd(seeds, metric.digits)
+            if 0 < len(seeds) < (runs["method"] == label).sum():
+                text += f" (n={len(seeds)})"
+            cells[label][metric.label] = (text, best)
+            data.append({"experiment": experiment, "dataset": dataset, "method": label, "metric": metric.name,
+                         "mean": mean, "std": std, "n": len(seeds), "best": best})
+    rows, bold = [], []
+    for label in labels:
+        seeds = int((runs["method"] == label).sum())
+        rows.append([label, str(seeds)] + [cells[label][m.label][0] for m in present])
+        bold.append([False, False] + [cells[label][m.label][1] for m in present])
+    notes = [m.caveat for m in present if m.caveat]
+    absent = [m for m in metrics if m not in present]
+    if absent:
+        why = sorted({r for m in absent for r in (reasons or {}).get(m.column, [])})
+        notes.append("no values: " + ", ".join(m.label for m in absent) + (f" ({'; '.join(why)})" if why else ""))
+    return Table(name, title, ["method", "seeds"] + [m.label for m in present], rows, bold,
+                 pd.DataFrame(data), notes)
+
+
+# --- differences to a reference --------------------------------------------------------------------------------
+
+def default_reference(labels: list[str]) -> str:
+    """The registry's reference method where it has runs here, else the first label."""
+    reference = reference_method()
+    return reference if reference in labels else sorted(labels)[0]
+
+
+def differences_table(runs: pd.DataFrame, reference: str) -> Table | None:
+    """Per quality metric and method: the paired-by-seed difference to the reference, with its 95% t-interval."""
+    labels = sorted(runs["method"].unique())
+    others = [label for label in labels if label != reference]
+    if reference not in labels or not others:
+        return None
+    experiment, dataset = runs["experiment"].iloc[0], runs["dataset"].iloc[0]
+    by_seed = lambda label, metric: values_of(runs, metric)[runs["method"] == label].set_axis(  # noqa: E731
+        runs.loc[runs["method"] == label, "seed"])
+    rows, bold, data = [], [], []
+    for metric in [m for m in QUALITY if values_of(runs, m).notna().any()]:
+        for label in others:
+            d = paired_difference(by_seed(label, metric), by_seed(reference, metric))
+            digits = metric.digits + 1
+            if d.mean is None:
+                verdict = "n/a"
+            elif not d.excludes_zero:
+                verdict = "no"
+            elif metric.better == 0:
+                verdict = "yes"
+            else:
+                verdict = "yes (better)" if (d.mean > 0) == (metric.better > 0) else "yes (worse)"
+            interval = "n/a" if d.mean is None else f"[{fmt(d.low, digits, True)}, {fmt(d.high, digits, True)}]"
+            rows.append([metric.label, label, fmt(d.mean, digits, True), interval, str(d.n), verdict])
+            bold.append([False, False, bool(d.excludes_zero), bool(d.excludes_zero), False, False])
+            data.append({"experiment": experiment, "dataset": dataset, "metric": metric.name, "method": label,
+                         "reference": reference, "n": d.n, "mean_difference": d.mean, "ci_low": d.low,
+                         "ci_high": d.high, "excludes_zero": d.excludes_zero})
+    if not rows:
+        return None
+    notes = ["Δ: mean over seeds of (method − reference) on the same seed; 95% t-interval on the paired "
+             "differences; seeds only one side has are dropped; n/a below 2 paired seeds."]
+    return Table("differences", f"differences to {reference} (paired by seed)",
+                 ["metric", "method", f"Δ vs {reference}", "95% CI", "paired seeds", "CI excludes 0"],
+                 rows, bold, pd.DataFrame(data), notes, text_columns=2)
+
+
+# --- equal compute ---------------------------------------------------------------------------------------------
+
+def value_at_time(curve: list[dict], time: float, key: str) -> float | None:
+    """The curve's `key` at training time `time` (linear between validation points); None outside the curve."""
+    points = sorted((p["train_s"], p[key]) for p in curve
+                    if p.get("train_s") is not None and p.get(key) is not None)
+    if not points or not points[0][0] - 1e-9 <= time <= points[-1][0] + 1e-9:
+        return None
+    times, values = zip(*points)
+    return float(np.interp(time, times, values))
+
+
+def equal_compute_table(runs: pd.DataFrame, records: dict[str, dict]) -> Table | str:
+    """Each method's validation MSE at the same training time T, the largest time every run's curve reaches."""
+    curves = {path: [p for p in records[path].get("curves") or [] if p.get("train_s") is not None]
+              for path in runs["path"]}
+    usable = {path: curve for path, curve in curves.items() if curve}
+    if not usable:
+        return "no curve carries train_s"
+    horizon = min(max(p["train_s"] for p in curve) for curve in usable.values())
+    experiment, dataset = runs["experiment"].iloc[0], runs["dataset"].iloc[0]
+    mse_metric = Metric("mse_at_T", "val MSE at T", -1, 5)
+    per_label = {}
+    for label in sorted(runs["method"].unique()):
+        paths = runs.loc[runs["method"] == label, "path"]
+        at = pd.Series([value_at_time(curves[p], horizon, "mse") for p in paths], dtype=float)
+        step = pd.Series([value_at_time(curves[p], horizon, "step") for p in paths], dtype=float)
+        final = pd.Series([max(curves[p], key=lambda q: q["train_s"])["mse"] if curves[p] else None
+                           for p in paths], dtype=float)
+        per_label[label] = (at.dropna(), step.dropna(), final.dropna())
+    best = best_rows([a.mean() if len(a) else np.nan for a, _, _ in per_label.values()], mse_metric)
+    rows, bold, data, late = [], [], [], []
+    for (label, (at, step, final)), is_best in zip(per_label.items(), best):
+        if at.empty:
+            late.append(label)
+        rows.append([label, str(len(at)), mean_sd(at, 5), mean_sd(step, 0), mean_sd(final, 5)])
+        bold.append([False, False, is_best, False, False])
+        data.append({"experiment": experiment, "dataset": dataset, "method": label, "time_s": horizon,
+                     "n": len(at), "val_mse_mean": at.mean() if len(at) else np.nan,
+                     "val_mse_std": at.std(ddof=1) if len(at) > 1 else np.nan,
+                     "step_mean": step.mean() if len(step) else np.nan,
+                     "final_val_mse_mean": final.mean() if len(final) else np.nan})
+    notes = [f"T = {fmt(horizon, 2)} s of training time (validation excluded), the longest every run reaches; "
+             "values interpolated linearly between validation points."]
+    if late:
+        notes.append(f"n/a: the first validation point of {', '.join(late)} comes after T; "
+                     "a smaller --eval-every gives more points")
+    return Table("equal_compute", "validation MSE at equal training time",
+                 ["method", "seeds", "val MSE at T", "step at T", "final val MSE"], rows, bold,
+                 pd.DataFrame(data), notes)
