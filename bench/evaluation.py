@@ -12,7 +12,7 @@ from torch import Tensor
 
 from bench.fid import fid_metrics, lpips_metric
 from bench.metrics import PROTOCOL_METRICS, evaluate_split, is_finite
-from bench.prior import PriorConfig, run_stage2
+from bench.prior import prior_config, run_stage2
 
 
 def whole_split(split) -> Tensor:
@@ -64,7 +64,7 @@ def evaluate_test(model, data, spec, autocast, fid_extractor=None) -> tuple[dict
 
 def gfid_stage(model, data, spec, autocast, device, fid_extractor, metrics, null_reasons, info) -> None:
     """Stage 2: a prior over the training split's code grids, sampled, decoded, compared with the training split."""
-    config = PriorConfig(**{"seed": spec.seed, **spec.prior_options})
+    config = prior_config(spec)
     samples, prior_info = run_stage2(model, data, model.quantizer.codebook_size, config, device, autocast,
                                      spec.eval_batch_size)
     metrics["prior_bits_per_code"] = prior_info["prior_bits_per_code"]

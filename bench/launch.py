@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import shutil
 import time
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
 from bench import UserError
-from bench.spec import RunSpec
+from bench.options import build, option
+from bench.spec import RunSpec, read_toml
 from bench.train import Trainer
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -27,18 +27,18 @@ SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 class ClusterOptions:
     """Everything a SLURM job asks for, in one place (a preset file in slurm/ fills it, flags override)."""
 
-    partition: str | None = None
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
-    mem_gb: int = 4  # each job imports torch (~0.8 GB resident)
-    time_min: int = 240
-    array_parallelism: int = 64
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    signal_delay_s: int = 120
-    sbatch: dict = field(default_factory=dict)  # any further #SBATCH key=value
-    setup: list = field(default_factory=list)  # shell lines run before the job (module load, conda activate)
+    partition: str | None = option(None, "SLURM partition")
+    gpus_per_node: int = option(0, "GPUs per job", minimum=0)
+    cpus_per_task: int = option(2, "CPUs per job", minimum=1)
+    mem_gb: int = option(4, "memory per job in GB (each job imports torch, ~0.8 GB resident)", minimum=1)
+    time_min: int = option(240, "time limit in minutes", flag="--time", minimum=1)
+    array_parallelism: int = option(64, "at most this many array elements at once", minimum=1)
+    account: str | None = option(None, "sbatch --account")
+    qos: str | None = option(None, "sbatch --qos")
+    constraint: str | None = option(None, "sbatch --constraint")
+    signal_delay_s: int = option(120, flag=False, minimum=0)
+    sbatch: dict = option(flag=False, factory=dict)  # any further #SBATCH key=value (the --sbatch flag)
+    setup: list = option(flag=False, factory=list)  # shell lines run before the job (module load, conda activate)
 
     def submitit_parameters(self, cluster: str) -> dict:
         if cluster == "local":
@@ -60,19 +60,17 @@ class ClusterOptions:
 
 
 def cluster_options(preset: str | None, flags: dict) -> ClusterOptions:
+    """A cluster preset's values (slurm/NAME.toml or a path) under the command line's flags, typed and checked."""
     values: dict = {}
     if preset:
         path = Path(preset) if preset.endswith(".toml") else SLURM_DIR / f"{preset}.toml"
         if not path.is_file():
             names = sorted(p.stem for p in SLURM_DIR.glob("*.toml"))
             raise UserError(f"unknown SLURM preset {preset!r}; presets in slurm/: {', '.join(names)} (or a .toml path)")
-        values = tomllib.loads(path.read_text())
+        values = read_toml(path)
         values.pop("description", None)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return ClusterOptions(**values)
-    except TypeError as error:
-        raise UserError(f"bad SLURM option ({error}); see `python -m bench.run --help`") from None
+    values.update(flags)
+    return build(ClusterOptions, values, "SLURM option(s)")
 
 
 def describe(trainer: Trainer) -> str:

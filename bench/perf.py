@@ -127,7 +127,7 @@ def measure(methods: list[str], args) -> pd.DataFrame:
         torch.manual_seed(0)
         trainer = trainers[method] = make_trainer(perf_spec(method, args))
         spec = trainer.spec
-        no_vq_model = MODELS[spec.model](spec, NoQuantizer(spec.code_dim, spec.codebook_size)).to(trainer.device)
+        no_vq_model = MODELS[spec.model].build(spec, NoQuantizer(spec.code_dim, spec.codebook_size)).to(trainer.device)
         variants[method] = {"harness": lambda n, t=trainer: t.train(t.step + n), "bare": bare_loop(trainer),
                             "no-vq": bare_loop(trainer, no_vq_model)}
         for run in variants[method].values():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.metrics import to_uint8
+from bench.options import build, option
 from methods.schedules import warmup_cosine
 
 Autocast = Callable[[], ContextManager]
@@ -30,24 +31,30 @@ Autocast = Callable[[], ContextManager]
 
 @dataclass
 class PriorConfig:
-    """Defaults sized for a CPU (minutes); the GPU presets set a larger prior through RunSpec.prior_options."""
+    """spec.prior_options. Defaults sized for a CPU (minutes); the GPU presets set a larger prior."""
 
-    layers: int = 2
-    heads: int = 4
-    width: int = 128
-    dropout: float = 0.1  # the photos training split is ~4.5k grids: the prior sees each one many times
-    steps: int = 500
-    batch_size: int = 64  # grids per step
-    lr: float = 3e-4
-    weight_decay: float = 0.01  # on the weight matrices only, as nanoGPT does
-    warmup_steps: int = 100
-    samples: int = 1000  # images generated for gFID
-    temperature: float = 1.0
-    top_k: int | None = None  # None: sample from the full distribution
-    seed: int = 0
+    layers: int = option(2, minimum=1)
+    heads: int = option(4, minimum=1)
+    width: int = option(128, minimum=1)
+    dropout: float = option(0.1, "the photos training split is ~4.5k grids: the prior sees each one many times",
+                            minimum=0)
+    steps: int = option(500, minimum=1)
+    batch_size: int = option(64, "grids per step", minimum=1)
+    lr: float = option(3e-4, above=0)
+    weight_decay: float = option(0.01, "on the weight matrices only, as nanoGPT does", minimum=0)
+    warmup_steps: int = option(100, minimum=0)
+    samples: int = option(1000, "images generated for gFID", minimum=1)
+    temperature: float = option(1.0, above=0)
+    top_k: int | None = option(None, "None: sample from the full distribution", minimum=1)
+    seed: int = option(0, minimum=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def prior_config(spec) -> PriorConfig:
+    """The run's prior settings: spec.prior_options over the defaults, seeded by the run's seed unless set."""
+    return build(PriorConfig, {"seed": spec.seed, **spec.prior_options}, "prior option(s)", prefix="prior option ")
 
 
 # --- the prior: a small GPT over raster-ordered codes ----------------------------------------------------------

@@ -6,54 +6,39 @@ one RunSpec and one record; a record that exists is skipped, a run with a checkp
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import sys
 from pathlib import Path
 
 from bench import UserError
 from bench.datasets import list_datasets, load_dataset
 from bench.inception import find_inception_weights
-from bench.launch import LAUNCHERS
+from bench.launch import LAUNCHERS, ClusterOptions
 from bench.models import MODELS
+from bench.options import add_flags, check_keys, coerce, field_types, flag_values, parse_text
 from bench.spec import RunSpec, list_presets, load_preset
-from methods import MethodError, list_methods, method_options
+from methods import MethodError, check_option_names, list_methods, method_option_types, method_options
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--methods", help="comma-separated method names (see --list)")
-    p.add_argument("--dataset", help="dataset name (default photos, offline)")
-    p.add_argument("--data-root", help="folder holding the dataset (default $VQBENCH_DATA or ~/.cache/vq-bench/data)")
-    p.add_argument("--download", action="store_true", default=None, help="fetch the dataset when online")
-    p.add_argument("--model", help="model name (default vqvae)")
-    p.add_argument("--perceptual-weight", help="weight of the VQGAN perceptual (LPIPS) term; 0: none, no VGG needed")
-    p.add_argument("--codebook-size", help="K, the same for every method")
-    p.add_argument("--code-dim", help="D, the code dimension")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--steps", help="training steps")
-    p.add_argument("--batch-size")
-    p.add_argument("--lr")
-    p.add_argument("--eval-every", help="validation curve interval in steps (0: only at the end)")
-    p.add_argument("--ckpt-every", help="checkpoint interval in steps (0: only at the end)")
     p.add_argument("--preset", help="a bundled preset name or a .toml path (see --list)")
-    p.add_argument("--experiment", help="experiment name; records of different experiments never mix")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any RunSpec field (warmup_steps=10) or a method option (mq.outer_every=2); repeatable")
+                   help="any setting (warmup_steps=10), a model or prior option (model_options.ch=64, "
+                        "prior_options.steps=100) or a method option (mq.outer_every=2); repeatable")
     p.add_argument("--out", default="results", help="results directory for records (default results/)")
     p.add_argument("--scratch", default="runs", help="working files: checkpoints (default runs/)")
     p.add_argument("--launcher", default="inline", help=f"one of {', '.join(LAUNCHERS)}")
-    slurm = p.add_argument_group("SLURM (--launcher slurm; also local where it applies)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="print methods, datasets, models and presets, then exit")
+    add_flags(p.add_argument_group("run settings (bench/spec.py:RunSpec; also --set KEY=VALUE)"), RunSpec)
+    model_flags = p.add_argument_group("model options (bench/models; also --set model_options.KEY=VALUE)")
+    for options in unique(entry.options for entry in MODELS.values()):
+        add_flags(model_flags, options, dest_prefix="model_options.", named_only=True)
+    slurm = p.add_argument_group("SLURM (--launcher slurm; also local where it applies; bench/launch.py:ClusterOptions)")
     slurm.add_argument("--slurm-preset", help="a cluster preset in slurm/ (e.g. local) or a .toml path")
-    slurm.add_argument("--partition")
-    slurm.add_argument("--gpus-per-node", type=int)
-    slurm.add_argument("--cpus-per-task", type=int)
-    slurm.add_argument("--mem-gb", type=int, help="memory per job (default 4; each job imports torch)")
-    slurm.add_argument("--time", type=int, dest="time_min", help="time limit in minutes")
-    slurm.add_argument("--array-parallelism", type=int, help="at most this many array elements at once")
-    slurm.add_argument("--account")
-    slurm.add_argument("--qos")
-    slurm.add_argument("--constraint")
+    add_flags(slurm, ClusterOptions, dest_prefix="cluster.")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra #SBATCH option")
     slurm.add_argument("--no-wait", action="store_true", help="submit, print the job ids and return")
     slurm.add_argument("--count", action="store_true",
@@ -61,83 +46,79 @@ def parser() -> argparse.ArgumentParser:
     slurm.add_argument("--array-index", type=int, metavar="I",
                        help="run only the I-th run of the grid (0-based; methods in order, seeds within each "
                             "method), as one element of your own sbatch array: see slurm/sbatch-example.sh")
-    p.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1")
-    p.add_argument("--amp", help="auto (bf16 on GPU), off, bf16, fp16")
-    p.add_argument("--threads", help="torch CPU threads (0: torch's default)")
-    p.add_argument("--gfid", action="store_true", default=None, help="train the stage-2 prior and record gFID")
-    p.add_argument("--no-fid", dest="fid", action="store_false", default=None,
-                   help="skip rFID/KID (recorded as null with the reason)")
-    p.add_argument("--inception-weights", help="FID Inception weights file (default: found offline, see README)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--list", action="store_true", help="print methods, datasets, models and presets, then exit")
     return p
 
 
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word such as mlp-tanh
+def unique(items):
+    return list(dict.fromkeys(items))
 
 
-def parse_int(flag: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"{flag} must be an integer, got {text!r}") from None
-    return value
+def split_list(flag: str, text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise UserError(f"{flag} names nothing ({text!r}); give a comma-separated list")
+    return items
+
+
+def nested_types(values: dict, table: str) -> dict:
+    """The declared types of a nested table's keys: the chosen model's options, or the prior's."""
+    from bench.models import model_entry
+    from bench.prior import PriorConfig
+
+    if table == "prior_options":
+        return field_types(PriorConfig)
+    return field_types(model_entry(RunSpec(method="", model=values.get("model", "vqvae"))).options)
+
+
+def typed_method_options(method: str, options: dict) -> dict:
+    """A method's options, each checked against its factory's annotation (unknown names refused)."""
+    types_ = method_option_types(method)
+    check_option_names(method, options)
+    return {k: coerce(types_[k], v, f"{method}.{k}") for k, v in options.items()}
 
 
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """The grid: RunSpec defaults, then the preset, then --set, then the flags (a flag wins over --set)."""
     values: dict = load_preset(args.preset) if args.preset else {}
     preset_methods = values.pop("methods", None)
     method_opts: dict[str, dict] = values.pop("method_options", {}) or {}
     methods_text = args.methods or (",".join(preset_methods) if preset_methods else None)
     if not methods_text:
         raise UserError("no methods given; pass --methods ste,ema (see --list for the names)")
-    methods = [m.strip() for m in methods_text.split(",") if m.strip()]
-    for method in methods:
+    methods = unique(split_list("--methods", methods_text))
+    for method in [*methods, *method_opts]:
         method_options(method)  # raises MethodError listing valid names
+    method_opts = {m: typed_method_options(m, o) for m, o in method_opts.items()}
 
-    int_flags = {"codebook_size": args.codebook_size, "code_dim": args.code_dim, "steps": args.steps,
-                 "batch_size": args.batch_size, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
-                 "threads": args.threads}
-    for name, text in int_flags.items():
-        if text is not None:
-            values[name] = parse_int("--" + name.replace("_", "-"), text)
-    if args.lr is not None:
-        try:
-            values["lr"] = float(args.lr)
-        except ValueError:
-            raise UserError(f"--lr must be a number, got {args.lr!r}") from None
-    for name in ("dataset", "data_root", "download", "model", "experiment", "device", "amp", "gfid", "fid",
-                 "inception_weights"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-
-    fields = {f.name for f in dataclasses.fields(RunSpec)}
+    spec_types = field_types(RunSpec)
+    flags = flag_values(args, RunSpec)
     for item in args.set:
         key, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"--set takes KEY=VALUE, got {item!r}")
-        method, dot, option = key.partition(".")
-        if dot:
-            method_opts.setdefault(method, {})[option] = parse_value(text)
-        elif key in fields:
-            values[key] = parse_value(text)
+        head, dot, option = key.partition(".")
+        if not dot:
+            check_keys([key], spec_types, "setting")
+            values[key] = parse_text(spec_types[key], text, f"--set {key}")
+        elif head in ("model_options", "prior_options"):
+            types_ = nested_types({**values, **flags}, head)
+            check_keys([option], types_, f"{head} key")
+            values[head] = {**values.get(head, {}), option: parse_text(types_[option], text, f"--set {key}")}
+        elif head not in methods:
+            raise UserError(f"--set {key}: {head!r} is not a method of this grid ({', '.join(methods)}); "
+                            f"set an option of one of them, or add {head} to --methods")
         else:
-            raise UserError(f"--set {key}: no such setting; settings: {', '.join(sorted(fields))}")
-    if args.perceptual_weight is not None:  # after --set, so the flag wins over --set model_options=...
-        try:
-            weight = float(args.perceptual_weight)
-        except ValueError:
-            raise UserError(f"--perceptual-weight must be a number, got {args.perceptual_weight!r}") from None
-        values["model_options"] = {**(values.get("model_options") or {}), "perceptual_weight": weight}
+            check_option_names(head, [option])
+            method_opts.setdefault(head, {})[option] = parse_text(method_option_types(head)[option], text, f"--set {key}")
+    values.update(flags)
+    for options in unique(entry.options for entry in MODELS.values()):
+        given = flag_values(args, options, dest_prefix="model_options.")
+        values["model_options"] = {**values.get("model_options", {}), **given}
     head, _, folder = str(values.get("dataset", "photos")).partition(":")  # imagefolder:PATH -> its last part
     dataset_label = f"{head}-{Path(folder).name}" if folder else head  # the experiment names a directory: no "/"
     values.setdefault("experiment", f"{dataset_label}-{values.get('model', 'vqvae')}")
 
-    seeds = [parse_int("--seeds", s) for s in args.seeds.split(",") if s.strip()]
+    seeds = unique(parse_text(int, s, "--seeds") for s in split_list("--seeds", args.seeds))
     specs = []
     for method in methods:
         for seed in seeds:
@@ -172,15 +153,15 @@ def pick_array_element(specs: list[RunSpec], index: int, launcher: str) -> RunSp
 
 
 def cluster_flags(args: argparse.Namespace) -> dict:
-    flags = {k: getattr(args, k) for k in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min",
-                                           "array_parallelism", "account", "qos", "constraint")}
+    flags = flag_values(args, ClusterOptions, dest_prefix="cluster.")
     extra = {}
     for item in args.sbatch:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--sbatch takes KEY=VALUE (e.g. --sbatch exclude=node3), got {item!r}")
         extra[key.lstrip("-")] = value
-    flags["sbatch"] = extra or None
+    if extra:
+        flags["sbatch"] = extra
     return flags
 
 

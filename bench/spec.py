@@ -5,51 +5,56 @@ import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 from importlib import resources
 from pathlib import Path
 
 from bench import UserError
+from bench.options import build, check_instance, option
 
 
 @dataclass
 class RunSpec:
-    method: str
-    dataset: str = "photos"
-    model: str = "vqvae"
-    seed: int = 0
-    experiment: str = "default"
+    """One run. Every field is one option: its flag (`--batch-size`), its `--set` key (`batch_size=64`), its
+    preset key and its place in the record's `spec`, read and checked by bench/options.py from its type."""
+
+    method: str = option(flag=False)
+    dataset: str = option("photos", "dataset name (see --list)")
+    model: str = option("vqvae", "model name (see --list)")
+    seed: int = option(0, flag=False, minimum=0)  # the grid's seeds come from --seeds
+    experiment: str = option("default", "experiment name; records of different experiments never mix")
     # training
-    steps: int = 500
-    batch_size: int = 128
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    recon_loss: str = "mse"  # "mse" or "l1"
-    # model (vqvae); model_options carries the rest for other models
-    codebook_size: int = 512
-    code_dim: int = 64
-    width: int = 128
-    res_blocks: int = 2
-    res_width: int = 32
-    downsample: int = 4
-    model_options: dict = field(default_factory=dict)
-    method_options: dict = field(default_factory=dict)
+    steps: int = option(500, "training steps", minimum=1)
+    batch_size: int = option(128, "global batch size", minimum=1)
+    lr: float = option(2e-4, "peak learning rate of the autoencoder (AdamW)", above=0)
+    betas: tuple[float, float] = option((0.9, 0.99), "AdamW betas", minimum=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    warmup_steps: int = option(50, "linear warm-up steps before the cosine decay", minimum=0)
+    recon_loss: Literal["mse", "l1"] = option("mse", "reconstruction loss")
+    # model (vqvae); model_options carries the options of other models (bench.models.MODELS declares them)
+    codebook_size: int = option(512, "K, the same for every method", minimum=1)
+    code_dim: int = option(64, "D, the code dimension", minimum=1)
+    width: int = option(128, "vqvae: channels of the strided convolutions", minimum=1)
+    res_blocks: int = option(2, "vqvae: residual blocks", minimum=1)
+    res_width: int = option(32, "vqvae: channels inside a residual block", minimum=1)
+    downsample: Literal[2, 4, 8, 16] = option(4, "vqvae: downsampling factor (4: 32x32 -> 8x8 latents)")
+    model_options: dict = option(flag=False, factory=dict)
+    method_options: dict = option(flag=False, factory=dict)
     # evaluation
-    eval_every: int = 100  # validation curve points; 0 = only at the end
-    eval_batch_size: int = 500
-    fid: bool = True  # rFID and KID of the test reconstructions (standard Inception weights, found offline)
-    gfid: bool = False  # train the stage-2 prior, sample, record gFID and the prior's bits per code
-    prior_options: dict = field(default_factory=dict)  # bench.prior.PriorConfig fields (layers, steps, samples...)
+    eval_every: int = option(100, "validation curve interval in steps (0: only at the end)", minimum=0)
+    eval_batch_size: int = option(500, "images per evaluation batch", minimum=1)
+    fid: bool = option(True, "rFID and KID of the test reconstructions (standard Inception weights, found offline)")
+    gfid: bool = option(False, "train the stage-2 prior, sample, record gFID and the prior's bits per code")
+    prior_options: dict = option(flag=False, factory=dict)  # bench.prior.PriorConfig fields (layers, steps, ...)
     # runtime: how, not what; excluded from the run id
-    ckpt_every: int = 100
-    device: str = "auto"
-    amp: str = "auto"  # "auto" = bf16 autocast on CUDA, off on the CPU; "off"; "bf16"; "fp16"
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    data_root: str | None = None
-    download: bool = False
-    inception_weights: str | None = None  # a file of FID Inception weights; else found as bench.inception says
+    ckpt_every: int = option(100, "checkpoint interval in steps (0: only at the end)", minimum=0)
+    device: str = option("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1")
+    amp: Literal["auto", "off", "bf16", "fp16"] = option("auto", "mixed precision; auto: bf16 on a GPU, off on the CPU")
+    threads: int = option(0, "torch CPU threads (0: torch's default)", minimum=0)
+    data_root: str | None = option(None, "folder holding the dataset (default $VQBENCH_DATA or ~/.cache/vq-bench/data)")
+    download: bool = option(False, "fetch the dataset when online")
+    inception_weights: str | None = option(None, "FID Inception weights file (default: found offline, see README)")
 
     RUNTIME_FIELDS = ("ckpt_every", "device", "threads", "data_root", "download", "experiment", "inception_weights")
 
@@ -65,36 +70,29 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserError(f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(names))}")
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+        """A RunSpec from a mapping (a preset, a record, parsed flags): every value typed and bounded."""
+        return build(cls, values, "setting(s)")
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "codebook_size", "code_dim", "width", "res_blocks", "eval_batch_size")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "ckpt_every", "warmup_steps", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr!r}")
-        if self.recon_loss not in ("mse", "l1"):
-            raise UserError(f"recon_loss must be 'mse' or 'l1', got {self.recon_loss!r}")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            raise UserError(f"--amp must be one of auto, off, bf16, fp16; got {self.amp!r}")
-        if self.downsample not in (2, 4, 8, 16):
-            raise UserError(f"downsample must be 2, 4, 8 or 16, got {self.downsample!r}")
+        """Every field against its declared type and bounds, and the model's and the prior's option tables."""
+        check_instance(self)
+        from bench.models import model_options
+        from bench.prior import prior_config
+
+        model_options(self)
+        prior_config(self)
 
 
 # --- presets: small TOML files in bench/presets/ whose keys are RunSpec fields --------------------------------
+
+def read_toml(source: str | Path, name: str | None = None) -> dict:
+    """A TOML file's (or text's) values; a syntax error is one UserError naming the file and the line."""
+    text = source.read_text() if isinstance(source, Path) else source
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"preset {name or source} is not valid TOML: {error}; fix the file") from None
+
 
 def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("bench.presets").iterdir() if p.name.endswith(".toml"))
@@ -110,7 +108,7 @@ def load_preset(name: str) -> dict:
         if not candidate.is_file():
             raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())} (or a .toml path)")
         text = candidate.read_text()
-    values = tomllib.loads(text)
+    values = read_toml(text, name)
     values.pop("description", None)
     RunSpec.from_dict({"method": "ste", **{k: v for k, v in values.items() if k != "methods"}})  # check keys
     return values

@@ -11,7 +11,7 @@ import importlib.metadata
 import pkgutil
 
 from methods.base import QuantizerOutput, Quantizer, StepResult, TrainContext, standard_step
-from methods.registry import (MethodError, create_method, list_methods, method_entry, method_option_types,
+from methods.registry import (MethodError, check_option_names, create_method, list_methods, method_entry, method_option_types,
                               method_options, palette_slots, reference_method, register)
 
 _CONTRACT = {"base", "registry"}
@@ -22,6 +22,6 @@ for _entry in importlib.metadata.entry_points(group="vq_bench.methods"):
 
 __all__ = [
     "Quantizer", "QuantizerOutput", "StepResult", "TrainContext", "standard_step",
-    "MethodError", "create_method", "list_methods", "method_entry", "method_option_types", "method_options",
+    "MethodError", "check_option_names", "create_method", "list_methods", "method_entry", "method_option_types", "method_options",
     "palette_slots", "reference_method", "register",
 ]

@@ -68,7 +68,7 @@ def resolve_levels(codebook_size: int, levels) -> tuple[int, ...]:
 
 @register("fsq", palette_slot=8)
 class FiniteScalarQuantizer(Quantizer):
-    def __init__(self, dim: int, codebook_size: int, levels=None):
+    def __init__(self, dim: int, codebook_size: int, levels: tuple[int, ...] | None = None):
         super().__init__()
         self.levels = resolve_levels(codebook_size, levels)
         self.requested_codebook_size = codebook_size

@@ -101,7 +101,8 @@ def method_option_types(name: str) -> dict[str, object]:
     return {p.name: hints.get(p.name, typing.Any) for p in _signature(name)}
 
 
-def create_method(name: str, *, dim: int, codebook_size: int, **options) -> Quantizer:
+def check_option_names(name: str, options) -> None:
+    """A MethodError naming the method's options when `options` holds a name it does not take."""
     known = method_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -109,4 +110,8 @@ def create_method(name: str, *, dim: int, codebook_size: int, **options) -> Quan
             f"method {name!r} has no option {', '.join(unknown)}; its options are: "
             + (", ".join(f"{k}={v!r}" for k, v in known.items()) or "none")
         )
+
+
+def create_method(name: str, *, dim: int, codebook_size: int, **options) -> Quantizer:
+    check_option_names(name, options)
     return method_entry(name).factory(dim=dim, codebook_size=codebook_size, **options)

@@ -13,11 +13,11 @@ def records(out):
 BAD = {
     "unknown method": (["--methods", "ste,nosuch"], "valid methods: "),
     "unknown dataset": (["--methods", "ste", "--dataset", "mnist9"], "valid datasets: "),
-    "zero steps": (["--methods", "ste", "--steps", "0"], "--steps must be a positive integer"),
-    "negative codebook size": (["--methods", "ste", "--codebook-size", "-3"], "--codebook-size must be a positive"),
+    "zero steps": (["--methods", "ste", "--steps", "0"], "--steps must be at least 1"),
+    "negative codebook size": (["--methods", "ste", "--codebook-size", "-3"], "--codebook-size must be at least 1"),
     "non-integer codebook size": (["--methods", "ste", "--codebook-size", "12.5"], "--codebook-size must be an integer"),
     "unknown method option": (["--methods", "ste", "--set", "ste.bogus=1"], "has no option bogus"),
-    "unknown setting": (["--methods", "ste", "--set", "bogus=1"], "no such setting"),
+    "unknown setting": (["--methods", "ste", "--set", "bogus=1"], "unknown setting bogus"),
     "unknown preset": (["--methods", "ste", "--preset", "nosuch"], "valid presets:"),
 }
 

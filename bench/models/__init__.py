@@ -4,12 +4,14 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import UserError
+from bench.options import build
 from bench.models.vqvae import Decoder, Encoder
 from methods import Quantizer, QuantizerOutput, create_method
 
@@ -85,14 +87,39 @@ def build_vqvae(spec, quantizer: Quantizer) -> VQModel:
     return VQModel(Encoder(**args), quantizer, Decoder(**args), spec.recon_loss)
 
 
-from bench.models.vqgan import build_vqgan  # noqa: E402  (it subclasses VQModel, defined above)
+@dataclass
+class VQVAEOptions:
+    """`vqvae` takes no model_options: its settings are RunSpec fields (width, res_blocks, res_width, downsample)."""
 
-MODELS: dict[str, Callable] = {"vqvae": build_vqvae, "vqgan": build_vqgan}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable  # (spec, quantizer) -> VQModel
+    options: type  # the dataclass declaring the model's own spec.model_options
+
+
+from bench.models.vqgan import VQGANOptions, build_vqgan  # noqa: E402  (it subclasses VQModel, defined above)
+
+MODELS: dict[str, ModelEntry] = {
+    "vqvae": ModelEntry(build_vqvae, VQVAEOptions),
+    "vqgan": ModelEntry(build_vqgan, VQGANOptions),
+}
+
+
+def model_entry(spec) -> ModelEntry:
+    if spec.model not in MODELS:
+        raise UserError(f"unknown model {spec.model!r}; valid models: {', '.join(sorted(MODELS))}")
+    return MODELS[spec.model]
+
+
+def model_options(spec):
+    """spec.model_options as the model's typed options (unknown keys and bad values: one UserError)."""
+    return build(model_entry(spec).options, spec.model_options, f"{spec.model} model option(s)",
+                 prefix=f"{spec.model} option ")
 
 
 def build_model(spec) -> VQModel:
     """The model of a RunSpec with its quantizer adapter, on the CPU, initialized from the global torch RNG."""
-    if spec.model not in MODELS:
-        raise UserError(f"unknown model {spec.model!r}; valid models: {', '.join(sorted(MODELS))}")
+    entry = model_entry(spec)
     quantizer = create_method(spec.method, dim=spec.code_dim, codebook_size=spec.codebook_size, **spec.method_options)
-    return MODELS[spec.model](spec, quantizer)
+    return entry.build(spec, quantizer)

@@ -16,11 +16,13 @@ images are the reconstruction of the step's batch made by the method's first tas
 autoencoder's update (taming and the MQ authors run the generator once more after the update: one more forward
 per step, which we save); should a method never evaluate that batch, it is reconstructed afresh in eval mode.
 
-Model settings come from spec.model_options (`VQGAN_OPTIONS` lists them with their defaults).
+Model settings come from spec.model_options (`VQGANOptions` declares them with their defaults).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,36 +30,42 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bench import UserError
+from bench.options import build, option
 from bench.models import VQModel
 from bench.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from bench.models.perceptual import LPIPS
 from methods import Quantizer, QuantizerOutput
 from methods.schedules import warmup_cosine
 
-# Defaults: taming-transformers' f16 ImageNet VQGAN (ch 128, ch_mult 1,1,2,2,4, 2 blocks, attention at 16x16,
-# z_channels 256, disc_weight 0.8, 3-layer discriminator with 64 channels), the warm-up as a fraction (0.1: the
-# MQ authors' default for FFHQ).
-VQGAN_OPTIONS = {
-    "ch": 128,
-    "ch_mult": [1, 1, 2, 2, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [16],
-    "z_channels": 256,
-    "dropout": 0.0,
-    "norm_groups": 32,  # GroupNorm groups; every channel count must divide by it
-    "resolution": None,  # input size, to place attention; None: the dataset's image size
-    "perceptual_weight": 1.0,  # 0: no perceptual term and no VGG needed
-    "perceptual_weights_path": None,  # torchvision's vgg16-397923af.pth; None: torch hub's cache; "random": TESTS ONLY
-    "lpips_heads_path": None,  # LPIPS v0.1 vgg.pth; None: the copy inside torchmetrics
-    "disc_weight": 0.8,  # 0: no discriminator at all
-    "disc_start": 0.1,  # fraction of the run's steps before the adversarial terms switch on
-    "disc_layers": 3,
-    "disc_channels": 64,
-    "disc_lr": None,  # None: the run's lr
-    "disc_betas": None,  # None: the run's betas
-    "disc_schedule": "constant",  # or "cosine": warm-up over warmup_steps of its own steps, then cosine to 0
-}
-DISC_SCHEDULES = ("constant", "cosine")
+@dataclass
+class VQGANOptions:
+    """spec.model_options of `vqgan`. Defaults: taming-transformers' f16 ImageNet VQGAN (ch 128, ch_mult
+    1,1,2,2,4, 2 blocks, attention at 16x16, z_channels 256, disc_weight 0.8, 3-layer discriminator with 64
+    channels), the warm-up as a fraction (0.1: the MQ authors' default for FFHQ)."""
+
+    ch: int = option(128, minimum=1)
+    ch_mult: tuple[int, ...] = option((1, 1, 2, 2, 4), minimum=1)
+    num_res_blocks: int = option(2, minimum=1)
+    attn_resolutions: tuple[int, ...] = option((16,), minimum=1)
+    z_channels: int = option(256, minimum=1)
+    dropout: float = option(0.0, minimum=0)
+    norm_groups: int = option(32, "GroupNorm groups; every channel count must divide by it", minimum=1)
+    resolution: int | None = option(None, "input size, to place attention; None: the dataset's image size", minimum=1)
+    perceptual_weight: float = option(1.0, "weight of the perceptual (LPIPS) term; 0: none, no VGG needed",
+                                      flag="--perceptual-weight", minimum=0)
+    perceptual_weights_path: str | None = option(None, "torchvision's vgg16-397923af.pth; None: torch hub's cache; "
+                                                       "'random': TESTS ONLY")
+    lpips_heads_path: str | None = option(None, "LPIPS v0.1 vgg.pth; None: the copy inside torchmetrics")
+    disc_weight: float = option(0.8, "0: no discriminator at all", minimum=0)
+    disc_start: float = option(0.1, "fraction of the run's steps before the adversarial terms switch on", minimum=0)
+    disc_layers: int = option(3, minimum=1)
+    disc_channels: int = option(64, minimum=1)
+    disc_lr: float | None = option(None, "None: the run's lr", above=0)
+    disc_betas: tuple[float, float] | None = option(None, "None: the run's betas", minimum=0)
+    disc_schedule: Literal["constant", "cosine"] = option(
+        "constant", "cosine: warm-up over warmup_steps of its own steps, then cosine to 0")
+
+
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -297,46 +305,23 @@ class VQGANModel(VQModel):
 # --- construction from a RunSpec --------------------------------------------------------------------------------
 
 def vqgan_options(spec) -> dict:
-    """spec.model_options over VQGAN_OPTIONS, checked; unknown keys and bad values end with one UserError."""
-    unknown = sorted(set(spec.model_options) - set(VQGAN_OPTIONS))
-    if unknown:
-        raise UserError(f"unknown vqgan model option(s) {', '.join(unknown)}; valid: {', '.join(VQGAN_OPTIONS)}")
-    o = {**VQGAN_OPTIONS, **spec.model_options}
+    """spec.model_options over VQGANOptions, typed and checked; unknown keys and bad values: one UserError."""
+    o = asdict(build(VQGANOptions, spec.model_options, "vqgan model option(s)", prefix="vqgan option "))
     if o["resolution"] is None:
         from bench.datasets import image_size
 
         o["resolution"] = image_size(spec.dataset)
-    positive = ("ch", "num_res_blocks", "z_channels", "norm_groups", "resolution", "disc_layers", "disc_channels")
-    for name in positive:
-        if isinstance(o[name], bool) or not isinstance(o[name], int) or o[name] <= 0:
-            raise UserError(f"vqgan option {name} must be a positive integer, got {o[name]!r}")
-    mults = o["ch_mult"]
-    if not isinstance(mults, (list, tuple)) or not mults or not all(isinstance(m, int) and m > 0 for m in mults):
-        raise UserError(f"vqgan option ch_mult must be a list of positive integers, got {mults!r}")
-    attn = o["attn_resolutions"]
-    if not isinstance(attn, (list, tuple)) or not all(isinstance(r, int) and not isinstance(r, bool) for r in attn):
-        raise UserError(f"vqgan option attn_resolutions must be a list of integers (e.g. [16]), got {attn!r}")
-    if o["disc_lr"] is not None and not (isinstance(o["disc_lr"], (int, float)) and o["disc_lr"] > 0):
-        raise UserError(f"vqgan option disc_lr must be a positive number or null, got {o['disc_lr']!r}")
-    betas = o["disc_betas"]
-    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2
-                                  and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        raise UserError(f"vqgan option disc_betas must be two numbers in [0, 1) or null, got {betas!r}")
-    for channels in {o["ch"] * m for m in mults}:
+    if o["disc_start"] > 1.0:
+        raise UserError(f"vqgan option disc_start is a fraction of the run's steps in [0, 1], got {o['disc_start']!r}")
+    if o["disc_betas"] is not None and not all(b < 1 for b in o["disc_betas"]):
+        raise UserError(f"vqgan option disc_betas must be two numbers in [0, 1) or null, got {o['disc_betas']!r}")
+    for channels in {o["ch"] * m for m in o["ch_mult"]}:
         if channels % o["norm_groups"]:
             raise UserError(f"vqgan: {channels} channels do not divide into norm_groups={o['norm_groups']} "
                             f"GroupNorm groups; change ch, ch_mult or norm_groups")
-    factor = 2 ** (len(mults) - 1)
+    factor = 2 ** (len(o["ch_mult"]) - 1)
     if o["resolution"] % factor:
         raise UserError(f"vqgan: resolution {o['resolution']} is not divisible by the downsampling factor {factor}")
-    for name in ("perceptual_weight", "disc_weight", "dropout"):
-        if not isinstance(o[name], (int, float)) or isinstance(o[name], bool) or o[name] < 0:
-            raise UserError(f"vqgan option {name} must be a non-negative number, got {o[name]!r}")
-    if not isinstance(o["disc_start"], (int, float)) or not 0.0 <= o["disc_start"] <= 1.0:
-        raise UserError(f"vqgan option disc_start is a fraction of the run's steps in [0, 1], got {o['disc_start']!r}")
-    if o["disc_schedule"] not in DISC_SCHEDULES:
-        raise UserError(f"vqgan option disc_schedule must be one of {', '.join(DISC_SCHEDULES)}, "
-                        f"got {o['disc_schedule']!r}")
     return o
 
 
