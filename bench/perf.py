@@ -4,7 +4,7 @@ For each method, interleaved round by round with every other method so that mach
   - `harness`: steps of the real training loop (bench.train.Trainer.train),
   - `bare`:    the same model stepped by a plain hand-written loop,
   - `no-vq`:   the same encoder and decoder with no quantizer at all.
-It prints median step times and the ratios method/no-vq, method/ste, harness/bare, the split of a method's
+It prints median step times and the ratios method/no-vq, method/reference (`ste`), harness/bare, the split of a method's
 time into its profiler-labelled phases (record_function names such as "mq/outer"), and with --memory the peak
 memory of each method measured in a separate process (on the CPU the peak RSS never shrinks).
 """
@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import copy
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from torch import Tensor
 from bench.models import MODELS
 from bench.spec import RunSpec
 from bench.train import Trainer
-from methods import Quantizer, QuantizerOutput, TrainContext, list_methods, standard_step
+from methods import Quantizer, QuantizerOutput, TrainContext, list_methods, reference_method
 
 
 class NoQuantizer(Quantizer):
@@ -55,7 +54,8 @@ def make_trainer(spec: RunSpec) -> Trainer:
 
 
 def bare_loop(trainer: Trainer, model=None):
-    """A hand-written loop over a copy of the trainer's model: batches by slicing, the method's update rule."""
+    """A hand-written loop over a copy of the trainer's model: batches by slicing, the method's update rule
+    (the shared standard_step unless the method brings its own), no schedule, no logging, no checkpoints."""
     model = model if model is not None else copy.deepcopy(trainer.model)
     optimizer = torch.optim.AdamW(model.autoencoder_parameters(), lr=trainer.spec.lr, betas=trainer.spec.betas)
     model.setup_training(trainer.spec.steps)
@@ -63,24 +63,15 @@ def bare_loop(trainer: Trainer, model=None):
     train, batch_size = trainer.data.train, trainer.spec.batch_size
     ctx = TrainContext(model=model, loss_fn=model.task_loss, optimizer=optimizer,
                        draw_batch=lambda: train[:batch_size], total_steps=trainer.spec.steps)
-    own_rule = type(model.quantizer).training_step is not Quantizer.training_step
-    state = {"i": 0}
 
     def run(n: int) -> None:
         for _ in range(n):
-            start = state["i"] * batch_size % (len(train) - batch_size)
+            start = ctx.step * batch_size % (len(train) - batch_size)
             images = train[start:start + batch_size]
-            model.before_step(state["i"])
-            if own_rule:
-                ctx.step = state["i"]
-                model.quantizer.training_step(ctx, images)
-            else:
-                loss, _ = model.task_loss(images)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            model.before_step(ctx.step)
+            model.quantizer.training_step(ctx, images)
             model.after_step(images)
-            state["i"] += 1
+            ctx.step += 1
     return run
 
 
@@ -120,7 +111,7 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
 def measure(methods: list[str], args) -> pd.DataFrame:
     """Every method's variants, timed round by round in one interleaved schedule: in each round every method
     runs every variant once, the order of the methods rotating from round to round, so slow spells of the
-    machine and the first-in-round slot hit all methods alike. Ratios to `ste` are medians of the per-round
+    machine and the first-in-round slot hit all methods alike. Ratios to the reference are medians of the per-round
     ratios (each measured seconds apart), step times are medians over rounds."""
     trainers, variants = {}, {}
     for method in methods:
@@ -138,20 +129,25 @@ def measure(methods: list[str], args) -> pd.DataFrame:
         for method in methods[shift:] + methods[:shift]:
             for name, run in variants[method].items():
                 times[method][name].append(timed(run, args.steps, trainers[method].device))
-    rows = []
-    for method in methods:
-        t = times[method]
-        median = {name: statistics.median(values) for name, values in t.items()}
-        row = {"method": method, "step_ms": 1000 * median["harness"], "bare_ms": 1000 * median["bare"],
-               "no_vq_ms": 1000 * median["no-vq"],
-               "vs_no_vq": statistics.median(h / n for h, n in zip(t["harness"], t["no-vq"])),
-               "harness_vs_bare": statistics.median(h / b for h, b in zip(t["harness"], t["bare"]))}
-        if "ste" in times:
-            row["vs_ste"] = statistics.median(h / s for h, s in zip(t["harness"], times["ste"]["harness"]))
-        rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = summarize(times, reference_method())
     frame.attrs["phases"] = {m: phase_split(trainers[m], args.steps) if args.phases else {} for m in methods}
     return frame
+
+
+def summarize(times: dict[str, dict[str, list[float]]], reference: str | None) -> pd.DataFrame:
+    """times[method][variant] = seconds per step, one entry per round. Step times are medians over rounds; every
+    ratio is the median of the per-round ratios, so a slow spell of the machine divides out within its round."""
+    def ratio(a: list[float], b: list[float]) -> float:
+        return statistics.median(x / y for x, y in zip(a, b))
+
+    rows = []
+    for method, t in times.items():
+        row = {"method": method, **{f"{name.replace('-', '_')}_ms": 1000 * statistics.median(v) for name, v in t.items()},
+               "vs_no_vq": ratio(t["harness"], t["no-vq"]), "harness_vs_bare": ratio(t["harness"], t["bare"])}
+        if reference in times:
+            row[f"vs_{reference}"] = ratio(t["harness"], times[reference]["harness"])
+        rows.append(row)
+    return pd.DataFrame(rows).rename(columns={"harness_ms": "step_ms"})
 
 
 def peak_memory_child(method: str, args) -> dict:
@@ -171,8 +167,9 @@ def peak_memory(methods: list[str], args) -> pd.DataFrame:
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     frame = pd.DataFrame(rows)
-    if "ste" in methods:
-        frame["vs_ste"] = frame["peak_mem_mb"] / frame.loc[frame["method"] == "ste", "peak_mem_mb"].iloc[0]
+    reference = reference_method()
+    if reference in methods:
+        frame[f"vs_{reference}"] = frame["peak_mem_mb"] / frame.loc[frame["method"] == reference, "peak_mem_mb"].iloc[0]
     return frame
 
 
@@ -196,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = list_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     methods = [m for m in methods if not m.startswith("test-")]
-    if "ste" not in methods:
-        methods = ["ste", *methods]  # the reference every overhead is quoted against
+    if reference_method() not in methods:
+        methods = [reference_method(), *methods]  # the reference every overhead is quoted against
     spec = perf_spec(methods[0], args)
     print(f"step time, median of {args.rounds} interleaved rounds x {args.steps} steps; batch {args.batch_size}, "
           f"{spec.model} width {spec.width}, K {spec.codebook_size}, D {spec.code_dim}, "
