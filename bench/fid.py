@@ -32,11 +32,6 @@ KID_SUBSETS = 100  # torch-fidelity's default
 KID_SEED = 2020  # torch-fidelity's default rng_seed: subsets drawn reproducibly
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """Float images in [0, 1] (any shape) -> uint8 in [0, 255], rounded to nearest, as the FID network expects."""
-    return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
-
-
 # --- FID and KID on features -----------------------------------------------------------------------------
 
 
@@ -145,7 +140,7 @@ def fid_metrics(
     allow_download: bool = False,
     extractor: FidExtractor | None = None,
 ) -> tuple[dict, dict, dict]:
-    """rFID and KID of `fake` (M, 3, H, W) uint8 against `real` (N, 3, H, W) uint8 (see `to_uint8`).
+    """rFID and KID of `fake` (M, 3, H, W) uint8 against `real` (N, 3, H, W) uint8 (see bench.metrics.to_uint8).
 
     Returns (metrics {'rfid', 'kid', 'kid_std'}: float or None, null_reasons {metric: why}, info: images,
     weights checksum and source, whether the reference features came from the cache, seconds).
@@ -189,7 +184,7 @@ def fid_metrics(
 
 def _check_images(name: str, images: Tensor) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} images must be uint8 (N, 3, H, W) in [0, 255] (see to_uint8), "
+        raise ValueError(f"{name} images must be uint8 (N, 3, H, W) in [0, 255] (see bench.metrics.to_uint8), "
                          f"got {images.dtype} {tuple(images.shape)}")
 
 

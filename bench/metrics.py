@@ -37,8 +37,10 @@ class SplitEvaluation:
     extra: dict = field(default_factory=dict)
 
 
-def to_uint8(x01: Tensor) -> Tensor:
-    return x01.mul(255.0).round_().to(torch.uint8)
+def to_uint8(images: Tensor) -> Tensor:
+    """Float images in [0, 1] (any shape) -> uint8 in [0, 255], clamped and rounded to nearest: what the FID
+    network, the saved samples and the figures take."""
+    return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 @torch.no_grad()

