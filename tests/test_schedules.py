@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from bench.datasets import DATASETS, DatasetInfo, ImageSplits
 from bench.models import build_model
 from bench.prior import PriorConfig, train_prior
 from bench.spec import RunSpec
@@ -76,9 +77,20 @@ class LearningRates:
         self.handle.remove()
 
 
-def test_harness_lr_per_step_is_linear_warmup_then_cosine(tmp_path):
+@pytest.fixture
+def tiny32(monkeypatch):
+    """A small 32x32 dataset for in-process runs (random images, 64 / 16 / 16)."""
+    def load(data_root=None, download=False):
+        images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        return ImageSplits("tiny32", images[:64], images[64:80], images[80:])
+
+    monkeypatch.setitem(DATASETS, "tiny32", DatasetInfo("tiny32", load, image_size=32))
+    return "tiny32"
+
+
+def test_harness_lr_per_step_is_linear_warmup_then_cosine(tiny32, tmp_path, one_thread):
     """warmup_steps = 2 of 6 steps, lr 1e-3: (1/2, 2/2) lr, then cosine over the remaining 4 steps."""
-    spec = tiny_spec(steps=6, warmup_steps=2, lr=1e-3, eval_every=0, ckpt_every=0)
+    spec = tiny_spec(dataset=tiny32, steps=6, warmup_steps=2, lr=1e-3, eval_every=0, ckpt_every=0)
     with LearningRates() as seen:
         Trainer(spec, tmp_path / "out", tmp_path / "runs", progress=False)()
     expected = [0.5, 1.0, 1.0, COS_QUARTER, 0.5, 1 - COS_QUARTER]
