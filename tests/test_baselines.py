@@ -1,4 +1,5 @@
-"""The baseline roster: each method's defining property, and the contract every adapter keeps."""
+"""The method contract, for every registered method (a new method is covered with no edit here), and the
+baselines' behavioural properties. The defining updates against independent formulas: tests/test_definitions_methods.py."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import torch
 
 from bench.models import build_model
 from bench.spec import RunSpec
-from methods import MethodError, TrainContext, create_method, standard_step
+from methods import MethodError, TrainContext, create_method, list_methods, standard_step
 from methods.fsq import PAPER_LEVELS
 from methods import gumbel
 from methods.gumbel import annealed_temperature, gumbel_noise
@@ -16,7 +17,7 @@ from methods.ste import StraightThroughVQ
 
 D, K = 8, 16
 OPTIONS = {"fsq": {"levels": [4, 4]}}  # prod = 16 = K; K=16 has no row in the FSQ paper's table
-BASELINES = ["gumbel", "fsq", "lfq", "rotation", "cosine", "simvq", "cvq", "affine"]
+METHODS = [m for m in list_methods() if not m.startswith("test-")]  # test-only registrations excluded
 
 
 def make(name: str, **options):
@@ -40,14 +41,16 @@ def tiny_model(name: str, **options):
 
 
 def context(model, images, total_steps: int = 10) -> TrainContext:
+    model.setup_training(total_steps)
+    model.quantizer.setup_training(total_steps)  # methods with their own optimizer (MQ) build it here
     return TrainContext(model=model, loss_fn=model.task_loss,
                         optimizer=torch.optim.AdamW(model.autoencoder_parameters(), 1e-3),
                         draw_batch=lambda: images, step=0, total_steps=total_steps)
 
 
-# --- the contract, for every baseline -------------------------------------------------------------------------
+# --- the contract, for every registered method ----------------------------------------------------------------
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", METHODS)
 def test_output_types_shapes_and_ranges(name):
     torch.manual_seed(0)
     q = make(name).train()
@@ -62,7 +65,7 @@ def test_output_types_shapes_and_ranges(name):
     assert all(v.ndim == 0 for v in out.diagnostics.values())
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", METHODS)
 def test_decode_indices_reproduces_the_eval_output(name):
     torch.manual_seed(0)
     q = make(name)
@@ -75,16 +78,37 @@ def test_decode_indices_reproduces_the_eval_output(name):
     torch.testing.assert_close(decoded, out.quantized, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", METHODS)
 def test_bf16_input_gives_bf16_output_and_int64_codes(name):
+    """As in a bf16 run: the encoder's bf16 output, under the run's autocast."""
     torch.manual_seed(0)
-    out = make(name).train()(feature_map().bfloat16())
+    q = make(name).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(feature_map().bfloat16())
     assert out.quantized.dtype == torch.bfloat16 and out.indices.dtype == torch.int64
     assert torch.isfinite(out.quantized.float()).all()
+    assert out.aux_loss.ndim == 0 and torch.isfinite(out.aux_loss.float())
+    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < q.codebook_size
 
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_a_few_training_steps_lower_the_reconstruction_loss(name):
+@pytest.mark.parametrize("name", METHODS)
+def test_export_codebook_is_the_table_decode_indices_reads(name):
+    torch.manual_seed(0)
+    q = make(name)
+    q.train()(feature_map(seed=1))
+    q.eval()
+    codebook = q.export_codebook()
+    if codebook is None:  # allowed by the contract, but every registered method has one today
+        pytest.fail(f"{name} exports no codebook")
+    assert codebook.shape == (q.codebook_size, q.dim) and not codebook.requires_grad
+    every_code = torch.arange(q.codebook_size).reshape(1, q.codebook_size, 1)  # (B, H, W) = (1, K, 1)
+    with torch.no_grad():
+        decoded = q.decode_indices(every_code)  # (1, D, K, 1)
+    torch.testing.assert_close(decoded[0, :, :, 0].t(), codebook, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_few_training_steps_lower_the_reconstruction_loss(name, one_thread):
     torch.manual_seed(0)
     images = smooth_images()
     model = tiny_model(name)
@@ -452,8 +476,8 @@ def test_affine_synchronized_update_sends_the_decoder_gradient_to_the_codes():
 
 # --- the registry ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_every_baseline_is_registered_with_its_effective_codebook_size(name):
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_is_registered_with_its_effective_codebook_size(name):
     q = make(name)
     assert q.codebook_size == K and q.dim == D
     with pytest.raises(MethodError, match="has no option"):
