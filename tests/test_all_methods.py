@@ -14,8 +14,8 @@ METHODS = [m for m in list_methods() if not m.startswith("test-")]
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_runs_through_the_harness_to_a_full_record(method, dirs):
-    code = main(["--methods", method, "--steps", "4", "--set", "eval_every=2", *TINY, "--codebook-size", "256","--out", str(dirs["out"]),
+def test_method_runs_through_the_harness_to_a_full_record(method, dirs, one_thread):
+    code = main(["--methods", method, "--steps", "4", "--set", "eval_every=2", *TINY, "--codebook-size", "256", "--out", str(dirs["out"]),
                  "--scratch", str(dirs["scratch"]), "--quiet"])
     assert code == 0
     (path,) = dirs["out"].rglob("*.json")
@@ -32,6 +32,14 @@ def test_method_runs_through_the_harness_to_a_full_record(method, dirs):
     for name in ("mse", "psnr", "ssim", "perplexity", "usage", "dead_codes", "quant_error"):
         assert record["metrics"][name] is not None, name
     k = record["env"]["codebook_size"]
-    assert sum(record["env"]["code_histogram"]) > 0 and len(record["env"]["code_histogram"]) == k
-    assert record["metrics"]["dead_codes"] == k - round(record["metrics"]["usage"] * k)
+    histogram = record["env"]["code_histogram"]
+    assert len(histogram) == k
+    assert sum(histogram) == record["env"]["test_images"] * 8 * 8  # every latent position of the test split (8x8)
+    # the codebook statistics from the codes' histogram, by hand: never from each other
+    used = sum(1 for count in histogram if count > 0)
+    total = sum(histogram)
+    entropy = -sum(count / total * math.log(count / total) for count in histogram if count > 0)
+    assert record["metrics"]["dead_codes"] == k - used
+    assert record["metrics"]["usage"] == pytest.approx(used / k, rel=1e-12)
+    assert record["metrics"]["perplexity"] == pytest.approx(math.exp(entropy), rel=1e-9)
     assert [c["step"] for c in record["curves"]] == [2, 4]
