@@ -6,6 +6,8 @@ one RunSpec and one record; a record that exists is skipped, a run with a checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from bench.datasets import list_datasets, load_dataset
 from bench.inception import find_inception_weights
 from bench.launch import LAUNCHERS, ClusterOptions
 from bench.models import MODELS
-from bench.options import add_flags, check_keys, coerce, field_types, flag_values, parse_text
-from bench.spec import RunSpec, list_presets, load_preset
-from methods import MethodError, check_option_names, list_methods, method_option_types, method_options
+from bench.options import add_flags, check_keys, coerce, describe_type, field_types, flag_values, parse_text
+from bench.spec import RunSpec, list_presets, load_preset, preset_values
+from methods import (MethodError, check_option_names, list_methods, method_entry, method_option_types,
+                     method_options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="inline", help=f"one of {', '.join(LAUNCHERS)}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="print methods, datasets, models and presets, then exit")
+    p.add_argument("--describe", metavar="NAME", help="print one method's, model's or preset's settings, then exit")
     add_flags(p.add_argument_group("run settings (bench/spec.py:RunSpec; also --set KEY=VALUE)"), RunSpec)
     model_flags = p.add_argument_group("model options (bench/models; also --set model_options.KEY=VALUE)")
     for options in unique(entry.options for entry in MODELS.values()):
@@ -166,11 +170,43 @@ def cluster_flags(args: argparse.Namespace) -> dict:
 
 
 def print_list() -> None:
-    print("methods: ", ", ".join(list_methods()))
-    print("datasets:", ", ".join(list_datasets()))
-    print("models:  ", ", ".join(sorted(MODELS)))
-    print("presets: ", ", ".join(list_presets()))
-    print("launchers:", ", ".join(LAUNCHERS))
+    """Every method with its options, every dataset, model (with its options), preset (with its description)."""
+    def options_text(values: dict) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in values.items()) or "(no options)"
+
+    print("methods (--methods; options: --set METHOD.OPTION=VALUE):")
+    for name in list_methods():
+        print(f"  {name:10} {options_text(method_options(name))}")
+    print("datasets (--dataset):", ", ".join(list_datasets()))
+    print("models (--model; options: --set model_options.OPTION=VALUE):")
+    for name, entry in sorted(MODELS.items()):
+        print(f"  {name:10} {options_text({f.name: f.default for f in dataclasses.fields(entry.options)})}")
+    print("presets (--preset; --describe NAME for the settings):")
+    for name in list_presets():
+        print(f"  {name:18} {preset_values(name).get('description', '').split('. ')[0]}")
+    print("launchers (--launcher):", ", ".join(LAUNCHERS))
+
+
+def describe(name: str) -> None:
+    """One method's options with their types, one model's options, or a preset's description and resolved runs."""
+    if name in list_methods():
+        factory = method_entry(name).factory
+        summary = " ".join((factory.__doc__ or "").strip().split("\n\n")[0].split())
+        print(f"method {name} ({factory.__module__}): {summary}")
+        for option, default in method_options(name).items():
+            print(f"  {option} = {default!r}  ({describe_type(method_option_types(name)[option])})")
+    elif name in MODELS:
+        print(f"model {name} (--set model_options.OPTION=VALUE)")
+        types_ = field_types(MODELS[name].options)
+        for f in dataclasses.fields(MODELS[name].options):
+            print(f"  {f.name} = {f.default!r}  ({describe_type(types_[f.name])}) {f.metadata.get('help', '')}")
+    else:
+        if name not in list_presets() and not name.endswith(".toml"):
+            raise UserError(f"--describe {name}: not a method, model or preset; `--list` names them all")
+        values = preset_values(name)
+        print(f"preset {name}: {values.get('description', '')}\n")
+        for spec in build_specs(parser().parse_args(["--preset", name])):
+            print(json.dumps({"run_id": spec.run_id(), "spec": spec.to_dict()}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print_list()
         return 0
     try:
+        if args.describe:
+            describe(args.describe)
+            return 0
         if args.launcher not in LAUNCHERS:
             raise UserError(f"unknown launcher {args.launcher!r}; valid launchers: {', '.join(LAUNCHERS)}")
         specs = build_specs(args)

@@ -98,17 +98,20 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("bench.presets").iterdir() if p.name.endswith(".toml"))
 
 
-def load_preset(name: str) -> dict:
-    """A preset's values; a path to a .toml file works as well as a bundled name."""
+def preset_values(name: str) -> dict:
+    """A preset's raw values, description included; a path to a .toml file works as well as a bundled name."""
     path = Path(name)
     if path.suffix == ".toml" and path.exists():
-        text = path.read_text()
-    else:
-        candidate = resources.files("bench.presets") / f"{name}.toml"
-        if not candidate.is_file():
-            raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())} (or a .toml path)")
-        text = candidate.read_text()
-    values = read_toml(text, name)
+        return read_toml(path, name)
+    candidate = resources.files("bench.presets") / f"{name}.toml"
+    if not candidate.is_file():
+        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())} (or a .toml path)")
+    return read_toml(candidate.read_text(), name)
+
+
+def load_preset(name: str) -> dict:
+    """A preset's settings (RunSpec fields, `methods`, `method_options`), checked; its description dropped."""
+    values = preset_values(name)
     values.pop("description", None)
-    RunSpec.from_dict({"method": "ste", **{k: v for k, v in values.items() if k != "methods"}})  # check keys
+    RunSpec.from_dict({"method": "ste", **{k: v for k, v in values.items() if k not in ("methods", "method_options")}})
     return values
