@@ -14,6 +14,7 @@ torchvision's classes are only used to download (`--download`), since they insis
     files.py     image files streamed from disk: ImageFiles, its thread pools, resizing, splits by name hashing
     celeba.py    `celeba[@SIZE]`: torchvision's layout, streamed
     folders.py   `imagefolder[@SIZE]:PATH` (FFHQ, ImageNet, any folder of images), streamed
+    hf.py        `hf[@SIZE]:NAME[:COLUMN]`: Hugging Face datasets (Hub ids, save_to_disk, parquet folders)
     streams.py   IndexStream: seeded batches of indices
 """
 from bench.datasets.catalog import DATASETS, DatasetInfo, DatasetName, image_size, list_datasets, load_dataset, parse_dataset

@@ -14,6 +14,7 @@ from bench.datasets.celeba import CELEBA_SIZE, load_celeba
 from bench.datasets.cifar import load_cifar10
 from bench.datasets.common import ImageSplits
 from bench.datasets.folders import IMAGEFOLDER_SIZE, load_imagefolder
+from bench.datasets.hf import HF_SIZE, load_hf
 from bench.datasets.idx import load_fashion_mnist, load_mnist
 from bench.datasets.photos import PATCH, load_photos
 from bench.datasets.svhn import load_svhn
@@ -29,6 +30,8 @@ class DatasetInfo:
     image_size: int
     resizable: bool = False  # takes NAME@SIZE
     needs_path: bool = False  # takes NAME:PATH
+    path_name: str = "PATH"  # how --list and errors name what follows the ':'
+    path_what: str = "a folder"
 
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
@@ -39,6 +42,8 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
     DatasetInfo("svhn", load_svhn, 32),
     DatasetInfo("celeba", load_celeba, CELEBA_SIZE, resizable=True),
     DatasetInfo("imagefolder", load_imagefolder, IMAGEFOLDER_SIZE, resizable=True, needs_path=True),
+    DatasetInfo("hf", load_hf, HF_SIZE, resizable=True, needs_path=True, path_name="NAME[:COLUMN]",
+                path_what="a Hugging Face Hub id or a local dataset directory"),
 ]}
 
 
@@ -68,7 +73,7 @@ def parse_dataset(name: str) -> DatasetName:
             raise UserError(f"dataset {name!r}: @SIZE must be a positive integer, got {size_text!r}")
         size = int(size_text)
     if info.needs_path and not path:
-        raise UserError(f"dataset {loader} needs a folder: --dataset {loader}:DIR")
+        raise UserError(f"dataset {loader} needs {info.path_what}: --dataset {loader}:{info.path_name}")
     if not info.needs_path and colon:
         raise UserError(f"dataset {loader} takes no :PATH (its files are found under --data-root)")
     return DatasetName(loader, size, path or None)
@@ -81,7 +86,7 @@ def image_size(name: str) -> int:
 
 
 def list_datasets() -> list[str]:
-    return sorted(f"{n}:PATH" if info.needs_path else n for n, info in DATASETS.items())
+    return sorted(f"{n}:{info.path_name}" if info.needs_path else n for n, info in DATASETS.items())
 
 
 def load_dataset(name: str, data_root: str | Path | None = None, download: bool = False) -> ImageSplits:

@@ -3,7 +3,7 @@ errors that tell a user how to get the files."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +22,10 @@ class ImageSplits:
     train: Tensor  # uint8 (N, 3, H, W); for datasets streamed from disk an ImageFiles that indexes like one
     val: Tensor
     test: Tensor
+    info: dict = field(default_factory=dict)  # identifies the source where its name cannot (hf: id, fingerprint)
 
     def to(self, device: torch.device) -> "ImageSplits":
-        return ImageSplits(self.name, self.train.to(device), self.val.to(device), self.test.to(device))
+        return ImageSplits(self.name, self.train.to(device), self.val.to(device), self.test.to(device), self.info)
 
 
 def default_data_root() -> Path:
