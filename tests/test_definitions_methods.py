@@ -7,7 +7,9 @@ adapters also have the library object's behaviour flags asserted, so that no lib
 """
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +21,28 @@ from methods import TrainContext, create_method, list_methods, method_options
 
 D, K = 8, 16
 
-# Every registered method has its defining update tested below; a new method fails this until it gets one.
+# The methods whose defining update this file tests. Another test file that tests a method's definition declares
+# it the same way, with a module-level DEFINED set of literal names.
 DEFINED = {"ste", "ste-ln", "ema", "cosine", "rotation", "fsq", "lfq", "simvq", "cvq", "affine", "gumbel", "mq",
            "mq-alt"}
 
 
+def declared_definitions() -> dict[str, str]:
+    """method -> the test file declaring its definition test, from every tests/test_*.py's module-level DEFINED."""
+    declared = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFINED" for t in node.targets):
+                declared.update(dict.fromkeys(ast.literal_eval(node.value), path.name))
+    return declared
+
+
 def test_every_registered_method_has_a_definition_test():
     registered = {m for m in list_methods() if not m.startswith("test-")}
-    assert registered <= DEFINED, f"no definition test for {sorted(registered - DEFINED)}"
+    missing = sorted(registered - set(declared_definitions()))
+    assert not missing, (f"no definition test for {missing}: test each one's defining update against a formula "
+                         f"written in the test, and name it in that test file's module-level DEFINED set")
+    assert DEFINED <= registered  # and none of ours is stale
 
 
 # --- independent building blocks ----------------------------------------------------------------------------------
@@ -395,10 +411,12 @@ def test_lfq_names_its_library_flags_and_defaults():
 
 # --- simvq: Zhu et al. 2024 ---------------------------------------------------------------------------------------
 
-def test_simvq_codes_are_the_frozen_basis_times_the_learned_map():
+@pytest.mark.parametrize("codebook_weight, commitment_weight", [(1.0, 0.25), (0.5, 0.4)])
+def test_simvq_codes_are_the_frozen_basis_times_the_learned_map(codebook_weight, commitment_weight):
     """C = Q W^T with Q a frozen buffer; VQ-VAE loss on C: the codebook term's gradient reaches only W,
-    dL/dW = (2 / (N D)) sum_i (c_i - z_i) Q_{k_i}^T; the decoder's gradient reaches z straight through."""
-    q = create_method("simvq", dim=D, codebook_size=K).train()
+    dL/dW = (2 cb / (N D)) sum_i (c_i - z_i) Q_{k_i}^T; the decoder's gradient reaches z straight through."""
+    q = create_method("simvq", dim=D, codebook_size=K, codebook_weight=codebook_weight,
+                      commitment_weight=commitment_weight).train()
     sim = q.sim
     basis, weight = sim.frozen_codebook, sim.code_transform.weight
     assert not basis.requires_grad and all(p is not basis for p in q.parameters())
@@ -412,9 +430,10 @@ def test_simvq_codes_are_the_frozen_basis_times_the_learned_map():
     basis64, w64 = basis.double(), weight.detach().double()
     codebook = basis64 @ w64.t()
     y = rows_of(z.detach()).double()
-    k, c, aux, grad_y, _ = vq_expectation(y, codebook, rows_of(upstream).double(), 1.0, 0.25)
+    k, c, aux, grad_y, _ = vq_expectation(y, codebook, rows_of(upstream).double(), codebook_weight,
+                                          commitment_weight)
     n = y.numel()
-    expected_w = (2 / n) * (c - y).t() @ basis64[k]
+    expected_w = (2 * codebook_weight / n) * (c - y).t() @ basis64[k]
     assert torch.equal(out.indices.reshape(-1), k)
     torch.testing.assert_close(q.export_codebook().double(), codebook, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rows_of(out.quantized.detach()).double(), c, rtol=1e-5, atol=1e-5)

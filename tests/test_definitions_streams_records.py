@@ -17,7 +17,8 @@ from bench.train import EXTRA_STREAM, TRAIN_STREAM
 
 def test_a_batch_is_a_slice_of_its_epochs_seeded_permutation():
     """Golden value (the seed formula is the stream's identity: changing it changes every run's batches):
-    batch p = randperm(size, seed 1_000_003 s + 7_919 t + epoch)[slot B:(slot + 1) B], (epoch, slot) = divmod(p, size // B)."""
+    batch p = randperm(size, seed 1_000_003 s + 7_919 t + epoch)[slot B:(slot + 1) B],
+    (epoch, slot) = divmod(p, size // B)."""
     size, b = 100, 32  # three batches per epoch, 4 images left out of each epoch
     for seed, stream in [(0, 0), (3, 1), (7, 2)]:
         indices = IndexStream(size, b, seed, stream)
