@@ -2,8 +2,9 @@
 
 `mq`:     the codebook is generated, C = h_phi(E), from a learned (K, h) table E by a small hyper-net h_phi, and
           recomputed at every forward pass, so one update of phi moves every code, used or not. The encoder
-          output passes a 1x1 projection and a LayerNorm (both part of the autoencoder), then the nearest-code
-          search (squared L2) with the straight-through estimator. The aux loss is
+          output (which the encoder's own 1x1 convolution, the authors' `quant_conv`, has projected to the code
+          dimension) passes a LayerNorm (part of the autoencoder), then the nearest-code search (squared L2)
+          with the straight-through estimator. The aux loss is
           rate * (commitment_weight |z - sg(e)|^2 + codebook_weight |e - sg(z)|^2).
           Training is bi-level (DESIGN.md section 6): the autoencoder theta takes the standard step on every
           batch; every `outer_every` steps (E, phi) take one SGD step on the task loss of a further batch
@@ -11,20 +12,29 @@
               g_phi = d_phi L_outer + [grad_phi L_inner(theta - eps v) - grad_phi L_inner(theta + eps v)] / (2 eps),
               v = grad_theta L_outer,  eps = fd_radius / |v|,
           evaluated at the already-updated theta, not multiplied by the inner learning rate, the inner step
-          kept: as the authors' code does.
-`mq-alt`: the ablation without the meta-objective: the same generated codebook on the same schedule, trained by
-          its direct gradient d_phi L_outer alone (only an encoder forward on the outer batch).
+          kept: as the authors' code does. With `outer_accum` = A the A evaluations are averaged into one step.
+          `outer_micro_batch` = m: each evaluation uses m images of the outer batch and the last m images of
+          the step's batch for the finite difference, as the authors' evaluations do under their gradient
+          accumulation (their micro-batch of 16: batch 64 / accumulation 4); None: the whole batches.
+`mq-alt`: the ablation without the meta-objective: the same generated codebook, trained by its direct gradient
+          d_phi L_outer alone (only an encoder forward on the outer batch). `schedule="mq"`: mq's schedule, so
+          it costs about what `ste` costs; `schedule="alt"`: the authors' `alt`, where the codebook is a problem
+          of its own (no dependency on the autoencoder's) evaluated at every one of their micro-steps, with
+          their accumulation: here, at every step (their outer_accum micro-steps), `outer_accum` evaluations
+          averaged into one SGD step, so outer_accum x more codebook steps than `mq` takes at outer_every=1.
+          Their code also runs the whole generator on that batch; only the encoder's output reaches the
+          codebook's gradient, so only the encoder runs here.
 
 Why the finite difference is not zero although autograd says the mixed derivative is: every path from phi to
 theta in the task loss passes a stop-gradient (decoder input z + sg(e - z), commitment term with sg(e),
 codebook term with sg(z)). grad_phi L_inner = (2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (e_{k_i} - z_i)
-still depends on theta through the *value* of z = LN(proj(enc_theta(x))); the finite difference measures that
+still depends on theta through the *value* of z = LN(enc_theta(x)); the finite difference measures that
 dependence along v. Its exact counterpart (`hypergrad="jvp"`) is
     +(2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (J_z v)_i,
 a Jacobian-vector product through the encoder (valid while no code assignment changes within eps).
 
 After training the hyper-net can be dropped: `export_codebook()` materializes C and `export_quantizer()` builds a
-plain `ste-ln` module with the same projection, LayerNorm and fixed codebook that gives identical outputs.
+plain `ste-ln` module with the same LayerNorm and fixed codebook that gives identical outputs.
 """
 from __future__ import annotations
 
@@ -40,10 +50,11 @@ from methods.base import (
 )
 from methods.registry import MethodError, register
 from methods.schedules import warmup_cosine
-from methods.ste import LayerNormProjection, StraightThroughVQ, straight_through_vq
+from methods.ste import ChannelLayerNorm, StraightThroughVQ, straight_through_vq
 
-HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh")
+HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh", "basis")
 HYPERGRADS = ("darts", "jvp")
+SCHEDULES = ("mq", "alt")  # mq-alt's: mq's own, or the authors' `alt`
 
 
 # --- the generated codebook ------------------------------------------------------------------------------------
@@ -51,13 +62,20 @@ HYPERGRADS = ("darts", "jvp")
 class HyperNetCodebook(nn.Module):
     """C = h_phi(E): a (K, h) latent table E through a hyper-net h_phi to the (K, d) codebook.
 
+    `basis` (the authors' fifth hyper-net) turns the table around: E is a (d, d) table, a Linear(d -> K) maps it
+    to (d, K), transposed to the (K, d) codebook: C = W E^T + b 1^T with W (K, d), b (K,), so every code is a
+    combination of the d rows of E, plus a bias along the all-ones direction.
     Initialization as in the authors' code: E ~ N(0, 1) (nn.Embedding's default), PyTorch's default Linear init.
     """
 
     def __init__(self, codebook_size: int, dim: int, latent_dim: int, hyper_net: str, mlp_hidden: int):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(codebook_size, latent_dim))  # E: (K, h)
-        if hyper_net == "identity":
+        self.transposed = hyper_net == "basis"
+        rows = dim if self.transposed else codebook_size
+        self.latents = nn.Parameter(torch.randn(rows, latent_dim))  # E: (K, h), for basis (d, d)
+        if hyper_net == "basis":
+            self.net = nn.Linear(latent_dim, codebook_size)
+        elif hyper_net == "identity":
             self.net = nn.Identity()
         elif hyper_net == "linear":
             self.net = nn.Linear(latent_dim, dim)
@@ -70,7 +88,8 @@ class HyperNetCodebook(nn.Module):
     def forward(self) -> Tensor:  # -> (K, d)
         # the codes decide the argmin: generate them in full precision whatever the run's autocast
         with torch.autocast(self.latents.device.type, enabled=False):
-            return self.net(self.latents)
+            codes = self.net(self.latents)  # (K, d); for basis (d, K)
+            return codes.t() if self.transposed else codes
 
 
 @contextlib.contextmanager
@@ -124,15 +143,26 @@ class MetaQuantizer(Quantizer):
         hypergrad: str = "darts",
         fd_radius: float = 0.01,
         hypergrad_fp32: bool = True,
+        outer_micro_batch: int | None = None,
+        schedule: str = "mq",
     ):
         super().__init__()
         if hyper_net not in HYPER_NETS:
             raise MethodError(f"unknown hyper_net {hyper_net!r}; valid: {', '.join(HYPER_NETS)}")
-        if hyper_net == "identity" and latent_dim != dim:
-            raise MethodError(f"hyper_net='identity' needs latent_dim == code dim; pass latent_dim={dim} "
+        if hyper_net in ("identity", "basis") and latent_dim != dim:
+            # identity: E is the codebook; basis: the authors' table is Embedding(d, d)
+            raise MethodError(f"hyper_net={hyper_net!r} needs latent_dim == code dim; pass latent_dim={dim} "
                               f"(got {latent_dim})")
         if hypergrad not in HYPERGRADS:
             raise MethodError(f"unknown hypergrad {hypergrad!r}; valid: {', '.join(HYPERGRADS)}")
+        if schedule not in SCHEDULES:
+            raise MethodError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if schedule == "alt" and (meta or outer_every != 1):
+            raise MethodError("schedule='alt' (the authors' alt: a codebook step at every step) is mq-alt's and "
+                              f"needs outer_every=1 (got {outer_every})")
+        if outer_micro_batch is not None and (isinstance(outer_micro_batch, bool)
+                                              or not isinstance(outer_micro_batch, int) or outer_micro_batch <= 0):
+            raise MethodError(f"option outer_micro_batch must be a positive integer or None, got {outer_micro_batch!r}")
         for name, value in (("latent_dim", latent_dim), ("mlp_hidden", mlp_hidden),
                             ("outer_every", outer_every), ("outer_accum", outer_accum)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -149,7 +179,8 @@ class MetaQuantizer(Quantizer):
         self.outer_every, self.outer_accum = outer_every, outer_accum
         self.meta, self.hypergrad = meta, hypergrad
         self.fd_radius, self.hypergrad_fp32 = fd_radius, hypergrad_fp32
-        self.pre = LayerNormProjection(dim)  # theta: trained by the autoencoder's optimizer
+        self.outer_micro_batch, self.schedule = outer_micro_batch, schedule
+        self.pre = ChannelLayerNorm(dim)  # theta: trained by the autoencoder's optimizer
         self.codebook_net = HyperNetCodebook(codebook_size, dim, latent_dim, hyper_net, mlp_hidden)  # (E, phi)
         # the training state outside state_dict (setup_training builds the optimizer)
         self.outer_optimizer: torch.optim.SGD | None = None
@@ -185,9 +216,9 @@ class MetaQuantizer(Quantizer):
 
     @torch.no_grad()
     def export_quantizer(self) -> StraightThroughVQ:
-        """A plain `ste-ln` quantizer (same projection + LayerNorm, fixed codebook C) with identical indices,
+        """A plain `ste-ln` quantizer (same LayerNorm, fixed codebook C) with identical indices,
         quantized maps and aux loss; the hyper-net and E are not needed at inference."""
-        weight = self.pre.proj.weight
+        weight = self.codebook_net.latents
         plain = StraightThroughVQ(self.dim, self.codebook_size, self.rate * self.codebook_weight,
                                   self.rate * self.commitment_weight, layernorm=True)
         plain = plain.to(device=weight.device, dtype=weight.dtype)
@@ -197,8 +228,12 @@ class MetaQuantizer(Quantizer):
 
     def export_note(self) -> dict:
         return {"codebook_exportable": True, "codebook_shape": [self.codebook_size, self.dim],
-                "generated_by": f"{self.hyper_net} hyper-net over a ({self.codebook_size}, {self.latent_dim}) table",
+                "generated_by": f"{self.hyper_net} hyper-net over a {self._table()} table",
                 "plain_equivalent": "ste-ln with the exported codebook (MetaQuantizer.export_quantizer)"}
+
+    def _table(self) -> str:
+        rows, cols = self.codebook_net.latents.shape
+        return f"({rows}, {cols})"
 
     # --- training: setup and state ----------------------------------------------------------------------------
 
@@ -239,18 +274,51 @@ class MetaQuantizer(Quantizer):
             result = standard_step(ctx, images)  # exactly ste's step on exactly ste's batch
             for p in self.method_parameters():  # the codebook term's gradient on (E, phi) is not the outer one
                 p.grad = None
-        if (ctx.step + 1) % self.outer_every == 0:
-            self.accumulate(self.outer_gradient(ctx, images))
+        if self.schedule == "alt":  # the authors' alt: outer_accum evaluations and one codebook step, every step
+            with record_function("mq/outer"):
+                for outer_images in self.outer_batches(ctx, self.outer_accum):
+                    self.accumulate(self.direct_gradient(ctx, outer_images))
+                self.outer_update(ctx.step)
+        elif (ctx.step + 1) % self.outer_every == 0:
+            self.accumulate(self.outer_gradient(ctx, self.inner_micro_batch(images)))
             if self.accum_count == self.outer_accum:
                 with record_function("mq/outer"):
                     self.outer_update(ctx.step)
         return result
 
+    def _micro(self, available: int) -> int:
+        n = self.outer_micro_batch
+        if n > available:
+            raise MethodError(f"option outer_micro_batch={n} is larger than the batch of {available} images; "
+                              f"pass outer_micro_batch <= batch size (the authors': batch / accumulation)")
+        return n
+
+    def inner_micro_batch(self, images: Tensor) -> Tensor:
+        """The inner batch of the finite difference: the whole step's batch, or with outer_micro_batch = m its
+        last m images (the authors' finite difference runs on the last micro-batch their generator saw)."""
+        if self.outer_micro_batch is None:
+            return images
+        return images[images.shape[0] - self._micro(images.shape[0]):]
+
+    def outer_batches(self, ctx: TrainContext, count: int) -> list[Tensor]:
+        """`count` outer batches from ctx.draw_batch(): whole drawn batches, or with outer_micro_batch = m
+        consecutive m-image slices of as few drawn batches as give `count` of them (the rest of the last one is
+        not used)."""
+        batches: list[Tensor] = []
+        while len(batches) < count:
+            drawn = ctx.draw_batch()
+            if self.outer_micro_batch is None:
+                batches.append(drawn)
+                continue
+            m = self._micro(drawn.shape[0])
+            batches += [drawn[i:i + m] for i in range(0, drawn.shape[0] - m + 1, m)]
+        return batches[:count]
+
     def outer_gradient(self, ctx: TrainContext, inner_images: Tensor) -> list[Tensor]:
         """The gradient (E, phi) receive for one outer evaluation at the current theta, one tensor per
-        method parameter. Draws one outer batch from ctx.draw_batch()."""
+        method parameter. Draws one outer batch (outer_batches)."""
         phi = self.method_parameters()
-        outer_images = ctx.draw_batch()
+        (outer_images,) = self.outer_batches(ctx, 1)
         if not self.meta:
             with record_function("mq/outer"):
                 return self.direct_gradient(ctx, outer_images)
@@ -291,7 +359,7 @@ class MetaQuantizer(Quantizer):
         return [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
     def search_input(self, ctx: TrainContext, images: Tensor) -> Tensor:
-        """z = LN(proj(encode(x))), (B, d, h, w): what the nearest-code search sees; a function of theta only."""
+        """z = LN(encode(x)), (B, d, h, w): what the nearest-code search sees; a function of theta only."""
         return self.pre(ctx.model.encode(ctx.model.preprocess(images)))
 
     @staticmethod
@@ -400,15 +468,18 @@ def mq(
     hypergrad: str = "darts",
     fd_radius: float = 0.01,
     hypergrad_fp32: bool = True,
+    outer_micro_batch: int | None = None,
 ) -> MetaQuantizer:
     """Meta-Quantization. Defaults: the authors' code (hyper-net mlp-tanh, h = 32, hidden 256 as in their VQGAN
     setting; rate 0.1; both loss weights 1; outer SGD lr 1e-4, momentum 0.9; warm-up 10% then cosine; DARTS
-    finite difference of radius 0.01). outer_every = 4 is ours (the compute ratio of their accumulation of 4)."""
+    finite difference of radius 0.01). outer_every = 4 is ours (the compute ratio of their accumulation of 4);
+    outer_micro_batch None (whole batches) is ours, the VQGAN presets set the authors' 16."""
     return MetaQuantizer(
         dim, codebook_size, hyper_net=hyper_net, latent_dim=latent_dim, mlp_hidden=mlp_hidden, rate=rate,
         commitment_weight=commitment_weight, codebook_weight=codebook_weight, outer_lr=outer_lr,
         outer_momentum=outer_momentum, outer_warmup=outer_warmup, outer_every=outer_every, outer_accum=outer_accum,
         meta=True, hypergrad=hypergrad, fd_radius=fd_radius, hypergrad_fp32=hypergrad_fp32,
+        outer_micro_batch=outer_micro_batch,
     )
 
 
@@ -427,11 +498,15 @@ def mq_alt(
     outer_warmup: float = 0.1,
     outer_every: int = 4,
     outer_accum: int = 1,
+    outer_micro_batch: int | None = None,
+    schedule: str = "mq",
 ) -> MetaQuantizer:
-    """The ablation without the meta-objective: `mq`'s codebook and schedule, direct gradient only."""
+    """The ablation without the meta-objective: `mq`'s codebook, direct gradient only; on `mq`'s schedule
+    (schedule="mq", ours) or the authors' `alt` one (schedule="alt": outer_accum evaluations and one codebook
+    step at every step; needs outer_every=1)."""
     return MetaQuantizer(
         dim, codebook_size, hyper_net=hyper_net, latent_dim=latent_dim, mlp_hidden=mlp_hidden, rate=rate,
         commitment_weight=commitment_weight, codebook_weight=codebook_weight, outer_lr=outer_lr,
         outer_momentum=outer_momentum, outer_warmup=outer_warmup, outer_every=outer_every, outer_accum=outer_accum,
-        meta=False,
+        meta=False, outer_micro_batch=outer_micro_batch, schedule=schedule,
     )

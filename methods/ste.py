@@ -2,8 +2,10 @@
 
 `ste`:    nearest code by squared L2, straight-through gradient to the encoder,
           aux loss = codebook_weight * |sg(z) - e|^2 + commitment_weight * |z - sg(e)|^2.
-`ste-ln`: the same, after the 1x1 projection and LayerNorm that MQ puts before its search: the control that
-          separates MQ's meta-objective from its normalization.
+`ste-ln`: the same, after the LayerNorm that MQ puts before its search (over the channels of the encoder's
+          output, which the encoder's own 1x1 convolution has projected to the code dimension: the MQ authors'
+          `quant_conv` then `trailing_norm`): the control that separates MQ's meta-objective from its
+          normalization.
 """
 from __future__ import annotations
 
@@ -14,16 +16,18 @@ from methods.base import Quantizer, QuantizerOutput, from_rows, nearest_code, to
 from methods.registry import register
 
 
-class LayerNormProjection(nn.Module):
-    """1x1 convolution then LayerNorm over channels, applied to a (B, D, H, W) map."""
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of a (B, D, H, W) map.
+
+    No projection of its own: every model's encoder ends in a 1x1 convolution to the code dimension (the MQ
+    authors' `quant_conv`), and the authors put their LayerNorm right after it. (Before, a second 1x1 d -> d
+    convolution sat here: the same function class, one linear layer more.)"""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, 1)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, z: Tensor) -> Tensor:
-        z = self.proj(z)
         return self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -63,7 +67,7 @@ class StraightThroughVQ(Quantizer):
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
         self.codebook_weight, self.commitment_weight = codebook_weight, commitment_weight
-        self.pre = LayerNormProjection(dim) if layernorm else nn.Identity()
+        self.pre = ChannelLayerNorm(dim) if layernorm else nn.Identity()
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 

@@ -58,9 +58,22 @@ def flat(tensors):
 
 # --- the hypergradient ----------------------------------------------------------------------------------------
 
+def smooth_(module):
+    """Every ReLU of `module` replaced by SiLU, in place. The error bounds below are Taylor's: they need
+    grad_phi L_inner to be smooth along v, and a ReLU whose input changes sign within the radius makes the
+    finite difference's error O(delta) instead of O(delta^2) (it does for some seeds)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.SiLU())
+        else:
+            smooth_(child)
+    return module
+
+
 def darts_setup():
-    """Float64 tiny model with a linear hyper-net, an inner batch and v = grad_theta L_outer."""
+    """Float64 tiny model (smooth encoder) with a linear hyper-net, an inner batch and v = grad_theta L_outer."""
     model = tiny_model(double=True, hyper_net="linear", latent_dim=8)
+    smooth_(model.encoder)
     inner, outer = batches(2)
     ctx = context(model, Stream([outer]))
     q = model.quantizer
@@ -324,6 +337,29 @@ def test_one_outer_step_moves_every_code_and_inner_steps_move_none(hyper_net):
     assert q.outer_steps == 1
 
 
+def test_mq_and_ste_ln_search_after_the_authors_layernorm_and_nothing_else():
+    """The authors: the encoder's 1x1 quant_conv to d, then LayerNorm(d), then the search. The encoder's last
+    layer is that projection; the quantizer adds the LayerNorm alone (no second 1x1 convolution), and ste-ln,
+    MQ's control, adds the very same map."""
+    from methods.ste import ChannelLayerNorm
+
+    model = tiny_model(double=True, hyper_net="linear", latent_dim=8)
+    control = create_method("ste-ln", dim=8, codebook_size=16).double()
+    assert isinstance(model.encoder.net[-1], nn.Conv2d) and model.encoder.net[-1].kernel_size == (1, 1)
+    for q in (model.quantizer, control):
+        assert isinstance(q.pre, ChannelLayerNorm)
+        assert [n for n, _ in q.pre.named_parameters()] == ["norm.weight", "norm.bias"]
+    with torch.no_grad():
+        for p in model.quantizer.pre.parameters():
+            p.copy_(torch.randn_like(p))
+        control.pre.load_state_dict(model.quantizer.pre.state_dict())
+        z = model.encode(model.preprocess(batches(1)[0]))
+        expected = torch.nn.functional.layer_norm(z.permute(0, 2, 3, 1), (8,), model.quantizer.pre.norm.weight,
+                                                  model.quantizer.pre.norm.bias, 1e-5).permute(0, 3, 1, 2)
+        assert torch.equal(model.quantizer.pre(z), control.pre(z))
+        torch.testing.assert_close(model.quantizer.pre(z), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_identity_hyper_net_needs_latent_dim_equal_to_code_dim():
     with pytest.raises(MethodError, match="latent_dim=8"):
         create_method("mq", dim=8, codebook_size=16, hyper_net="identity", latent_dim=4)
@@ -462,8 +498,10 @@ def test_mq_presets_build_the_papers_latent_grids():
 
 def test_mq_alt_takes_exactly_mqs_options_less_the_hypergradient_ones_with_the_same_defaults():
     """The two registrations spell their options out (the registry reads them from the signature); this keeps
-    the ablation's defaults from drifting away from the method it ablates."""
+    the ablation's defaults from drifting away from the method it ablates. Its one option of its own, the
+    schedule, defaults to mq's."""
     from methods.registry import method_options
 
     mq, alt = method_options("mq"), method_options("mq-alt")
+    assert alt.pop("schedule") == "mq"
     assert {k: v for k, v in mq.items() if k not in ("hypergrad", "fd_radius", "hypergrad_fp32")} == alt
