@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import UserError
-from bench.options import build
+from bench.options import build, option
+from bench.models.init import initialize
 from bench.models.vqvae import Decoder, Encoder
 from methods import Quantizer, QuantizerOutput, create_method
 
@@ -81,15 +82,22 @@ class VQModel(nn.Module):
         return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quantizer.autoencoder_parameters()]
 
 
-def build_vqvae(spec, quantizer: Quantizer) -> VQModel:
-    args = dict(width=spec.width, res_blocks=spec.res_blocks, res_width=spec.res_width,
-                code_dim=spec.code_dim, downsample=spec.downsample)
-    return VQModel(Encoder(**args), quantizer, Decoder(**args), spec.recon_loss)
-
-
 @dataclass
 class VQVAEOptions:
-    """`vqvae` takes no model_options: its settings are RunSpec fields (width, res_blocks, res_width, downsample)."""
+    """spec.model_options of `vqvae`: only the initialization; its shape is RunSpec fields (width, res_blocks,
+    res_width, downsample)."""
+
+    init: Literal["default", "normal-0.02"] = option(
+        "default", "normal-0.02: the MQ authors' weights_init (bench/models/init.py); default: PyTorch's")
+
+
+def build_vqvae(spec, quantizer: Quantizer) -> VQModel:
+    o = build(VQVAEOptions, spec.model_options, "vqvae model option(s)", prefix="vqvae option ")
+    args = dict(width=spec.width, res_blocks=spec.res_blocks, res_width=spec.res_width,
+                code_dim=spec.code_dim, downsample=spec.downsample)
+    encoder, decoder = Encoder(**args), Decoder(**args)
+    initialize([encoder, decoder], o.init)
+    return VQModel(encoder, quantizer, decoder, spec.recon_loss)
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,11 @@ class ModelEntry:
 
 
 from bench.models.vqgan import VQGANOptions, build_vqgan  # noqa: E402  (it subclasses VQModel, defined above)
+from bench.models.vqvae_mq import VQVAEMQOptions, build_vqvae_mq  # noqa: E402  (likewise)
 
 MODELS: dict[str, ModelEntry] = {
     "vqvae": ModelEntry(build_vqvae, VQVAEOptions),
+    "vqvae-mq": ModelEntry(build_vqvae_mq, VQVAEMQOptions),
     "vqgan": ModelEntry(build_vqgan, VQGANOptions),
 }
 

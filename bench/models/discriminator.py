@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.models.init import initialize
+
 
 class NLayerDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
@@ -30,13 +32,9 @@ class NLayerDiscriminator(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DCGAN init, as pix2pix and taming use: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        """DCGAN init, as pix2pix, taming and the MQ authors use (bench/models/init.py's `normal-0.02`): conv
+        weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0; whatever the run's `init` option."""
+        initialize([self], "normal-0.02")
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) in [-1, 1] -> (B, 1, h, w) patch logits
         return self.net(x)

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from bench import UserError
 from bench.options import build, option
 from bench.models import VQModel
+from bench.models.init import initialize
 from bench.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from bench.models.perceptual import LPIPS
 from methods import Quantizer, QuantizerOutput
@@ -64,6 +65,9 @@ class VQGANOptions:
     disc_betas: tuple[float, float] | None = option(None, "None: the run's betas", minimum=0)
     disc_schedule: Literal["constant", "cosine"] = option(
         "constant", "cosine: warm-up over warmup_steps of its own steps, then cosine to 0")
+    init: Literal["default", "normal-0.02"] = option(
+        "default", "encoder and decoder; normal-0.02: the MQ authors' weights_init (bench/models/init.py); "
+                   "default: PyTorch's (the discriminator is always DCGAN-initialized)")
 
 
 
@@ -343,6 +347,7 @@ def build_vqgan(spec, quantizer: Quantizer) -> VQGANModel:
     if o["disc_weight"] > 0:
         discriminator = NLayerDiscriminator(3, o["disc_channels"], o["disc_layers"])
     perceptual = build_perceptual(o, spec.download)
+    initialize([encoder, decoder], o["init"])  # last: for one seed, init changes nothing else
     return VQGANModel(
         encoder, quantizer, decoder, spec.recon_loss,
         perceptual=perceptual, perceptual_weight=float(o["perceptual_weight"]),
