@@ -31,7 +31,9 @@ def evaluate_test(model, data, spec, autocast, fid_extractor=None) -> tuple[dict
     metrics = {name: None for name in PROTOCOL_METRICS}
     metrics.update(result.metrics)
     null_reasons: dict[str, str] = {}
+    # code_histogram: (K,) counts, or (code_depth, K) for a method with several codes per position
     info: dict = {"test_images": len(data.test), "code_histogram": result.histogram.tolist(),
+                  "code_depth": getattr(model.quantizer, "code_depth", 1),
                   "reconstructions": result.reconstructions}
     test_images = whole_split(data.test)
 

@@ -3,6 +3,13 @@
 Codebook statistics come from ONE histogram of code indices over every latent position of the split:
 perplexity = exp(entropy of that histogram), usage = fraction of the K codes hit at least once. An average
 of per-batch perplexities is a different, smaller number and is never reported as `perplexity`.
+
+A method with code_depth D > 1 (residual VQ: D codebooks of K codes, indices (B, H, W, D)) has a (D, K)
+histogram. Its `perplexity`, `usage` and `dead_codes` count the K * D codebook vectors as one codebook (code k of
+level i is its own vector): perplexity = exp(entropy of the (level, code) histogram), in [D, K * D] and equal to
+D times the geometric mean of the levels' perplexities; usage = fraction of the K * D vectors used; dead_codes =
+K * D - used. Each level i also gets `perplexity_level_i`, `usage_level_i` (fraction of its K) and
+`dead_codes_level_i`, level 0 first (the coarsest).
 """
 from __future__ import annotations
 
@@ -16,7 +23,14 @@ from torch import Tensor
 
 
 def codebook_stats(histogram: Tensor) -> dict[str, float]:
-    """histogram: (K,) counts of each code -> perplexity, usage (fraction of K), dead_codes (count)."""
+    """histogram: (K,) counts of each code -> perplexity, usage (fraction of K), dead_codes (count).
+
+    A (D, K) histogram (D codes per position) -> the same three over all K * D codes, plus
+    perplexity_level_i, usage_level_i and dead_codes_level_i of each level i."""
+    if histogram.dim() == 2:
+        per_level = {f"{name}_level_{i}": value for i, level in enumerate(histogram)
+                     for name, value in codebook_stats(level).items()}
+        return {**codebook_stats(histogram.flatten()), **per_level}
     counts = histogram.double()
     total = counts.sum()
     p = counts / total
@@ -29,10 +43,20 @@ def codebook_stats(histogram: Tensor) -> dict[str, float]:
     }
 
 
+def code_histogram(indices: Tensor, codebook_size: int) -> Tensor:
+    """Counts of each code: indices (B, H, W) -> (K,) int64; (B, H, W, D) (D codes per position) -> (D, K)."""
+    if indices.dim() <= 3:
+        return torch.bincount(indices.flatten(), minlength=codebook_size)
+    depth = indices.shape[-1]
+    offsets = torch.arange(depth, device=indices.device) * codebook_size  # level i's codes -> [i*K, (i+1)*K)
+    counts = torch.bincount((indices.reshape(-1, depth) + offsets).flatten(), minlength=codebook_size * depth)
+    return counts.view(depth, codebook_size)
+
+
 @dataclass
 class SplitEvaluation:
     metrics: dict[str, float]
-    histogram: Tensor  # (K,) int64 on the CPU
+    histogram: Tensor  # (K,) int64 on the CPU; (D, K) for a method with D codes per position
     reconstructions: Tensor | None = None  # uint8 (N, 3, H, W) on the CPU, when asked for
     extra: dict = field(default_factory=dict)
 
@@ -57,7 +81,7 @@ def evaluate_split(
     was_training = model.training
     model.eval()
     device = images.device
-    histogram = torch.zeros(codebook_size, dtype=torch.int64, device=device)
+    histogram = None  # (K,) or (D, K), shaped by the first batch's indices
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
     psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
     quant_error = torch.zeros((), dtype=torch.float64, device=device)
@@ -77,12 +101,15 @@ def evaluate_split(
         squared_error += per_image.sum()
         psnr_sum += (10.0 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum()
         quant_error += out.quant_error.double() * len(batch)
-        histogram += torch.bincount(out.indices.flatten(), minlength=codebook_size)
+        counts = code_histogram(out.indices, codebook_size)
+        histogram = counts if histogram is None else histogram + counts
         if ssim_metric is not None:
             ssim_metric.update(fake, real)
         if keep_reconstructions:
             reconstructions.append(to_uint8(fake).cpu())
     model.train(was_training)
+    if histogram is None:  # an empty split
+        histogram = torch.zeros(codebook_size, dtype=torch.int64, device=device)
     n = len(images)
     metrics = {
         "mse": float(squared_error) / n,
@@ -99,7 +126,7 @@ def evaluate_split(
 
 def mean_batch_perplexity(indices: Tensor, codebook_size: int) -> float:
     """The per-batch figure shown in the progress bar; named as such, never stored as `perplexity`."""
-    return codebook_stats(torch.bincount(indices.flatten(), minlength=codebook_size))["perplexity"]
+    return codebook_stats(code_histogram(indices, codebook_size))["perplexity"]
 
 
 PROTOCOL_METRICS = (

@@ -2,6 +2,9 @@
 
 After stage 1 the VQ model is frozen. Its codes for the training split, an (N, H, W) grid per image, are read
 once; a small decoder-only transformer learns p(grid) in raster order (a start token, then the H*W codes);
+a method with D codes per position (residual VQ, grids (N, H, W, D)) is read as H*W*D tokens, depth innermost
+(RQ-Transformer's order: the D codes of a position, coarsest first, then the next position), each token
+embedded with its level's own table (code k of level i is not code k of level j);
 its samples go through `quantizer.decode_indices` and the decoder to uint8 images, which the caller compares
 with the training split (gFID, bench/fid.py). The prior's held-out negative log-likelihood, in bits per code,
 is reported as `prior_bits_per_code`: how predictable a method's codes are, which is what stage 2 has to learn.
@@ -117,17 +120,24 @@ class Block(nn.Module):
 
 
 class CodePrior(nn.Module):
-    """p(c_1..c_T) = prod_t p(c_t | c_<t) over the T = H*W codes of a grid in raster order.
+    """p(c_1..c_T) = prod_t p(c_t | c_<t) over the T = H*W codes of a grid in raster order; a grid (H, W, D) of
+    D codes per position is T = H*W*D tokens, depth innermost.
 
-    The input sequence is [start, c_1, ..., c_{T-1}] (the start token is index K); position t predicts c_{t+1}.
+    The input sequence is [start, c_1, ..., c_{T-1}] (the start token is index K*D); position t predicts c_{t+1}.
+    The input token of a code k at level i is i*K + k, so each level has its own embeddings; the output is always
+    over the K codes of the level the position predicts (its level is t mod D, known from the position).
     """
 
-    def __init__(self, codebook_size: int, grid: tuple[int, int], layers: int, heads: int, width: int,
+    def __init__(self, codebook_size: int, grid: tuple[int, ...], layers: int, heads: int, width: int,
                  dropout: float = 0.0):
         super().__init__()
         self.codebook_size, self.grid, self.heads = codebook_size, tuple(grid), heads
-        self.length = grid[0] * grid[1]
-        self.tok_emb = nn.Embedding(codebook_size + 1, width)  # the K codes and the start token
+        self.depth = grid[2] if len(grid) == 3 else 1
+        self.length = math.prod(grid)
+        self.start_token = codebook_size * self.depth
+        # token offset of each position's level: 0 everywhere for one code per position
+        self.register_buffer("level_offset", torch.arange(self.length) % self.depth * codebook_size, persistent=False)
+        self.tok_emb = nn.Embedding(codebook_size * self.depth + 1, width)  # the K codes of each level, the start
         self.pos_emb = nn.Embedding(self.length, width)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
@@ -146,9 +156,9 @@ class CodePrior(nn.Module):
             nn.init.zeros_(module.bias)
 
     def inputs(self, codes: Tensor) -> Tensor:
-        """codes (B, T) -> the shifted input [start, c_1, ..., c_{T-1}] (B, T)."""
-        start = codes.new_full((codes.shape[0], 1), self.codebook_size)
-        return torch.cat([start, codes[:, :-1]], dim=1)
+        """codes (B, T) -> the shifted input [start, c_1, ..., c_{T-1}] (B, T), each code offset by its level."""
+        start = codes.new_full((codes.shape[0], 1), self.start_token)
+        return torch.cat([start, (codes + self.level_offset)[:, :-1]], dim=1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (B, T') int64, T' <= T, starting with the start token -> logits (B, T', K) for the next code."""
@@ -159,17 +169,17 @@ class CodePrior(nn.Module):
         return self.head(self.ln_f(x))
 
     def nll(self, codes: Tensor) -> Tensor:
-        """codes (B, H, W) -> the mean negative log-likelihood per code, in nats (scalar, float32)."""
-        codes = codes.flatten(1)  # (B, T)
+        """codes (B, H, W) or (B, H, W, D) -> the mean negative log-likelihood per code, in nats (scalar, float32)."""
+        codes = codes.flatten(1)  # (B, T), raster order, depth innermost
         logits = self(self.inputs(codes))  # (B, T, K)
         return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
-        """n grids (n, H, W) int64 in [0, K), drawn token by token from the global RNG of their device."""
+        """n grids (n, *grid) int64 in [0, K), drawn token by token from the global RNG of their device."""
         device = self.pos_emb.weight.device
         caches = [KVCache(self.length) for _ in self.blocks]
-        token = torch.full((n, 1), self.codebook_size, dtype=torch.long, device=device)  # the start token
+        token = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)  # the start token
         codes = []
         for t in range(self.length):
             x = self.tok_emb(token) + self.pos_emb.weight[t]  # (n, 1, C)
@@ -181,8 +191,9 @@ class CodePrior(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             # the exponential race (Gumbel-max): an exact categorical draw with no host sync, unlike multinomial
             race = torch.empty_like(logits).exponential_(1.0)
-            token = (logits.softmax(dim=1) / race).argmax(dim=1, keepdim=True)  # (n, 1)
-            codes.append(token)
+            code = (logits.softmax(dim=1) / race).argmax(dim=1, keepdim=True)  # (n, 1)
+            codes.append(code)
+            token = code + self.level_offset[t]  # the next input: this code, embedded at its level
         return torch.cat(codes, dim=1).view(n, *self.grid)
 
 
@@ -200,7 +211,8 @@ def seeded(seed: int, device: torch.device):
 @torch.no_grad()
 def code_grids(model, images: Tensor, batch_size: int = 500,
                autocast: Autocast = contextlib.nullcontext) -> Tensor:
-    """The frozen stage-1 model's codes of a uint8 split (N, 3, H, W) -> int64 (N, h, w) on the model's device.
+    """The frozen stage-1 model's codes of a uint8 split (N, 3, H, W) -> int64 (N, h, w), or (N, h, w, D) for a
+    method with D codes per position, on the model's device.
 
     The model runs in eval mode (as in evaluation) and is left as it was.
     """
@@ -234,7 +246,8 @@ def bits_per_code(prior: CodePrior, grids: Tensor, batch_size: int = 500,
 def train_prior(grids: Tensor, codebook_size: int, config: PriorConfig, device: torch.device | str,
                 autocast: Autocast = contextlib.nullcontext,
                 held_out: Tensor | None = None) -> tuple[CodePrior, float | None]:
-    """Train a CodePrior on grids (N, H, W) int64 -> (the prior in eval mode, bits per code on held_out or None).
+    """Train a CodePrior on grids (N, H, W) or (N, H, W, D) int64 -> (the prior in eval mode, bits per code on
+    held_out or None).
 
     Initialization and batches come from config.seed; the caller's RNG state is left untouched.
     """
@@ -267,7 +280,8 @@ def train_prior(grids: Tensor, codebook_size: int, config: PriorConfig, device: 
 @torch.no_grad()
 def decode_grids(model, grids: Tensor, batch_size: int = 500,
                  autocast: Autocast = contextlib.nullcontext) -> Tensor:
-    """Code grids (N, h, w) -> uint8 images (N, 3, H, W) on the CPU, through decode_indices and the decoder."""
+    """Code grids (N, h, w) or (N, h, w, D) -> uint8 images (N, 3, H, W) on the CPU, through decode_indices and
+    the decoder."""
     was_training = model.training
     model.eval()
     images = []
@@ -298,8 +312,10 @@ def sample_images(model, prior: CodePrior, n: int, config: PriorConfig, device: 
 
 def can_decode_indices(model, device: torch.device) -> str | None:
     """None if the quantizer can map code indices back to its output, else the reason it cannot."""
+    depth = getattr(model.quantizer, "code_depth", 1)
     try:
-        model.quantizer.decode_indices(torch.zeros(1, 1, 1, dtype=torch.long, device=device))
+        model.quantizer.decode_indices(torch.zeros(1, 1, 1, *([depth] if depth > 1 else []), dtype=torch.long,
+                                                   device=device))
     except NotImplementedError:
         return (f"{type(model.quantizer).__name__} cannot decode from code indices (decode_indices is not "
                 "implemented), so prior samples cannot be turned into images")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 @dataclass
 class QuantizerOutput:
     quantized: Tensor  # (B, D, H, W), what the decoder sees; gradients reach z by the method's estimator
-    indices: Tensor  # (B, H, W) int64 code indices in [0, codebook_size)
+    indices: Tensor  # (B, H, W) int64 code indices in [0, codebook_size); (B, H, W, depth) where code_depth > 1
     aux_loss: Tensor  # scalar, the method's own loss term (zero where it has none), added to the task loss
     quant_error: Tensor  # scalar, detached mean |z - z_q|^2 in the space where the search happens
     diagnostics: dict[str, Tensor] = field(default_factory=dict)  # scalar tensors, never synced per step
@@ -67,16 +67,23 @@ class Quantizer(nn.Module):
 
     `codebook_size` is the number of distinct codes the method can emit (implicit for FSQ/LFQ), so usage and
     perplexity are comparable across methods.
+
+    `code_depth` is the number of codes per latent position: 1 for every single-level method, whose indices are
+    (B, H, W); D for a method that stacks D codebooks (residual VQ), whose indices are (B, H, W, D), level i in
+    [..., i], each level in [0, codebook_size) of its own codebook of codebook_size codes. The harness counts
+    such codes per level and overall (bench.metrics) and the stage-2 prior reads them depth innermost.
     """
 
     codebook_size: int
     dim: int
+    code_depth: int = 1
 
     def forward(self, z: Tensor) -> QuantizerOutput:  # z: (B, D, H, W)
         raise NotImplementedError
 
     def decode_indices(self, indices: Tensor) -> Tensor:
-        """(B, H, W) int64 -> (B, D, H, W), the quantized map the decoder would see for these codes."""
+        """(B, H, W) int64 -> (B, D, H, W), the quantized map the decoder would see for these codes; a method with
+        code_depth > 1 takes (B, H, W, code_depth)."""
         raise NotImplementedError
 
     # --- training hooks, all optional -------------------------------------------------------------------
@@ -105,7 +112,8 @@ class Quantizer(nn.Module):
         pass
 
     def export_codebook(self) -> Tensor | None:
-        """The codebook as a plain (K, D) tensor where the method has one, else None."""
+        """The codebook as a plain (K, D) tensor where the method has one, else None; (code_depth, K, D), one
+        codebook per level, for a method with code_depth > 1."""
         return None
 
     def export_note(self) -> dict:

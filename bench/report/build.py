@@ -10,10 +10,10 @@ import pandas as pd
 from bench import UserError
 from bench.report.formats import to_markdown, write_table
 from bench.report.runs import groups, load, null_reasons, prepare
-from bench.report.tables import (COST, QUALITY, Table, default_reference, differences_table, equal_compute_table,
-                                 summary_table)
+from bench.report.tables import (COST, MULTI_LEVEL_NOTE, QUALITY, Table, default_reference, differences_table,
+                                 equal_compute_table, levels_table, summary_table)
 
-TABLE_STEMS = ("quality", "cost", "differences", "equal_compute")
+TABLE_STEMS = ("quality", "cost", "levels", "differences", "equal_compute")
 
 
 def group_tables(runs: pd.DataFrame, records: dict[str, dict], reference: str | None,
@@ -24,6 +24,11 @@ def group_tables(runs: pd.DataFrame, records: dict[str, dict], reference: str | 
     reasons = null_reasons(runs, records)
     tables = [summary_table(runs, QUALITY, "quality", "quality (test split), mean ± std over seeds", reasons),
               summary_table(runs, COST, "cost", "cost, mean ± std over seeds")]
+    levels = levels_table(runs)  # only where a method has several codes per position
+    if levels is not None:
+        if tables[0] is not None:
+            tables[0].notes.append(MULTI_LEVEL_NOTE)
+        tables.append(levels)
     chosen = reference or default_reference(labels)
     if chosen not in labels:
         notes.append(f"skipped differences ({where}): reference {chosen!r} has no runs here; "

@@ -186,26 +186,42 @@ def sorted_frequencies(histogram) -> np.ndarray:
     return np.sort(counts)[::-1] / total if total > 0 else np.zeros_like(counts)
 
 
+def level_histograms(histogram) -> list[np.ndarray]:
+    """A record's env.code_histogram as one (K,) histogram per level: [the histogram] for a flat (K,) list, one
+    per row for a (D, K) nested list (a method with D codes per position)."""
+    counts = np.asarray(histogram, dtype=float)
+    return list(counts) if counts.ndim == 2 else [counts]
+
+
+LEVEL_STYLES = ("-", "--", ":", "-.")
+
+
 def code_frequency_figure(runs: pd.DataFrame, records: dict[str, dict]) -> Figure | str:
-    """Normalized code frequency against rank (log y), mean over seeds of the sorted curves; the uniform 1/K."""
+    """Normalized code frequency against rank (log y), mean over seeds of the sorted curves; the uniform 1/K.
+    A method with D codes per position gets one line per level (each level's K codes, its own frequencies), in
+    its colour with one dash pattern per level."""
     colours = _colours(runs)
-    curves: dict[str, np.ndarray] = {}
+    curves: dict[tuple[str, int, int], np.ndarray] = {}  # (label, level, depth) -> mean sorted frequencies
     for label in _labels(runs):
-        sorted_runs = [sorted_frequencies(records[p]["env"]["code_histogram"])
-                       for p in runs.loc[runs["method"] == label, "path"]
-                       if records[p].get("env", {}).get("code_histogram")]
-        if sorted_runs:
+        per_run = [level_histograms(records[p]["env"]["code_histogram"])
+                   for p in runs.loc[runs["method"] == label, "path"]
+                   if records[p].get("env", {}).get("code_histogram")]
+        depth = max((len(levels) for levels in per_run), default=0)
+        for level in range(depth):
+            sorted_runs = [sorted_frequencies(levels[level]) for levels in per_run if level < len(levels)]
             size = max(len(f) for f in sorted_runs)
-            curves[label] = np.mean([np.pad(f, (0, size - len(f))) for f in sorted_runs], axis=0)
+            curves[label, level, depth] = np.mean([np.pad(f, (0, size - len(f))) for f in sorted_runs], axis=0)
     if not curves:
         return "no record has env.code_histogram"
     with fixed_style():
         fig = Figure(figsize=(5.0, 3.4), layout="constrained")
         ax = fig.add_subplot()
-        for label, frequency in curves.items():
+        for (label, level, depth), frequency in curves.items():
             used = frequency > 0  # a log axis cannot show unused codes: the line ends at the last used one
             ranks = np.arange(1, len(frequency) + 1)
-            ax.plot(ranks[used], frequency[used], color=colours[label], label=label,
+            ax.plot(ranks[used], frequency[used], color=colours[label],
+                    label=label if depth == 1 else f"{label}, level {level}",
+                    linestyle=LEVEL_STYLES[level % len(LEVEL_STYLES)],
                     marker="o" if used.sum() <= 32 else None, markersize=3)  # a few used codes: show points
         sizes = {len(f) for f in curves.values()}
         if len(sizes) == 1:

@@ -4,6 +4,7 @@ with a 95% t-interval) and validation MSE at equal training time. A Table holds 
 behind them; formats.py writes it as markdown, LaTeX and CSV."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +120,41 @@ def summary_table(runs: pd.DataFrame, metrics: list[Metric], name: str, title: s
         notes.append("no values: " + ", ".join(m.label for m in absent) + (f" ({'; '.join(why)})" if why else ""))
     return Table(name, title, ["method", "seeds"] + [m.label for m in present], rows, bold,
                  pd.DataFrame(data), notes)
+
+
+# --- codebook statistics per level (methods with several codes per position) ------------------------------------
+
+LEVEL_COLUMN = re.compile(r"metrics\.(perplexity|usage|dead_codes)_level_(\d+)")
+LEVEL_KINDS = {"perplexity": ("perplexity", +1, 1), "usage": ("usage", +1, 3), "dead_codes": ("dead codes", -1, 1)}
+MULTI_LEVEL_NOTE = ("perplexity, usage and dead codes of a method with D codes per position (residual VQ) count "
+                    "its K·D codebook vectors as one codebook (perplexity up to K·D, D times the geometric mean of "
+                    "its levels'); each level's own: table levels")
+
+
+def level_metrics(runs: pd.DataFrame) -> list[Metric]:
+    """The per-level codebook metrics among the columns (metrics.perplexity_level_0, ...), level by level."""
+    found = [(int(m.group(2)), list(LEVEL_KINDS).index(m.group(1)), m) for m in map(LEVEL_COLUMN.fullmatch, runs)
+             if m]
+    metrics = []
+    for level, _, match in sorted(found, key=lambda item: item[:2]):
+        label, better, digits = LEVEL_KINDS[match.group(1)]
+        metrics.append(Metric(match.group(0), f"{label} L{level}", better, digits))
+    return metrics
+
+
+def levels_table(runs: pd.DataFrame) -> Table | None:
+    """Rows: the methods with several codes per position; columns: perplexity, usage (fraction of the level's K)
+    and dead codes of each level, level 0 (the coarsest) first; mean ± std over seeds. None when no run has any."""
+    metrics = level_metrics(runs)
+    if not metrics:
+        return None
+    has_levels = pd.concat([numeric(runs, m.column) for m in metrics], axis=1).notna().any(axis=1)
+    table = summary_table(runs[has_levels].reset_index(drop=True), metrics, "levels",
+                          "codebook statistics per level (test split), mean ± std over seeds")
+    if table is not None:
+        table.notes.append("level i: the codes chosen at depth i, counted over that level's own K codes; "
+                           "L0 quantizes the encoder output, each further level the residual of those before it")
+    return table
 
 
 # --- differences to a reference --------------------------------------------------------------------------------
