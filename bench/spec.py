@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench import UserError
 from bench.options import build, check_instance, option
+from methods import method_version
 
 
 @dataclass
@@ -61,6 +62,9 @@ class RunSpec:
     def run_id(self) -> str:
         """Derived from what determines the result, so the same spec launched twice is the same run."""
         identity = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+        version = method_version(self.method)
+        if version > 1:  # version 1 adds nothing, so the ids of records made before versions existed still hold
+            identity["method_version"] = version
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
         dataset = self.dataset.replace("/", "_").replace(":", "-")
         return f"{self.method}-{dataset}-{self.model}-s{self.seed}-{digest}"

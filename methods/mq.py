@@ -450,7 +450,7 @@ class MetaQuantizer(Quantizer):
 
 # --- registration -------------------------------------------------------------------------------------------------
 
-@register("mq", palette_slot=6)
+@register("mq", palette_slot=6, version=2)  # 2: the authors' pre-search map
 def mq(
     dim: int,
     codebook_size: int,
@@ -483,7 +483,7 @@ def mq(
     )
 
 
-@register("mq-alt", palette_slot=7)
+@register("mq-alt", palette_slot=7, version=2)  # 2: the authors' pre-search map
 def mq_alt(
     dim: int,
     codebook_size: int,

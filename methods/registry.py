@@ -7,7 +7,8 @@ is an error, not a default.
 
 Everything the harness shows about a method comes from here too: `palette_slot` fixes its colour in every
 figure (two methods claiming one slot is an error at import time; a method that claims none gets a free slot,
-see `palette_slots`), and `reference=True` marks the one method that comparisons are quoted against by default.
+see `palette_slots`), `reference=True` marks the one method that comparisons are quoted against by default, and
+`version` (1 unless raised) enters the run id, so a change to a method's definition never reuses old records.
 
 Modules are discovered: `methods/__init__.py` imports every module of this package, and every module named by
 an entry point of the group `vq_bench.methods` (a method living in another installed package).
@@ -35,12 +36,13 @@ class MethodEntry:
     palette_slot: int | None  # position in the report's palette; None: the first free one, see palette_slots
     reference: bool  # the default reference of paired comparisons and speed ratios
     module: str
+    version: int  # raised when the method's definition changes, so records of the old definition are not reused
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
 
 
-def register(name: str, *, palette_slot: int | None = None, reference: bool = False):
+def register(name: str, *, palette_slot: int | None = None, reference: bool = False, version: int = 1):
     def add(factory: Callable[..., Quantizer]) -> Callable[..., Quantizer]:
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice ({_REGISTRY[name].module} and {factory.__module__})")
@@ -52,7 +54,7 @@ def register(name: str, *, palette_slot: int | None = None, reference: bool = Fa
                 raise RuntimeError(f"method {name!r}: palette slot {palette_slot} is already {taken[0]!r}'s")
         if reference and reference_method() is not None:
             raise RuntimeError(f"method {name!r}: {reference_method()!r} is already the reference method")
-        _REGISTRY[name] = MethodEntry(name, factory, palette_slot, reference, factory.__module__)
+        _REGISTRY[name] = MethodEntry(name, factory, palette_slot, reference, factory.__module__, version)
         return factory
 
     return add
@@ -66,6 +68,11 @@ def method_entry(name: str) -> MethodEntry:
     if name not in _REGISTRY:
         raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
     return _REGISTRY[name]
+
+
+def method_version(name: str) -> int:
+    """The method's definition version (1 for a name no registration knows: a record of a removed method)."""
+    return _REGISTRY[name].version if name in _REGISTRY else 1
 
 
 def reference_method() -> str | None:

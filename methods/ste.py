@@ -90,6 +90,6 @@ def ste(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_w
     return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=False)
 
 
-@register("ste-ln", palette_slot=1)
+@register("ste-ln", palette_slot=1, version=2)  # 2: the authors' pre-search map
 def ste_ln(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
     return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=True)

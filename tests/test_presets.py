@@ -137,12 +137,15 @@ def test_bench_run_counts_the_cifar10_preset():
     assert result.stdout.strip() == "4"
 
 
-def test_committed_records_keep_their_run_ids():
+def test_committed_records_keep_their_run_ids_unless_their_method_changed():
+    from methods import method_version
+
     records = sorted((Path(__file__).parent.parent / "results" / "photos-300").glob("*.json"))
     assert records
     for path in records:
         record = json.loads(path.read_text())
-        assert RunSpec.from_dict(record["spec"]).run_id() == path.stem, path.name
+        same_definition = record["env"].get("method_version", 1) == method_version(record["spec"]["method"])
+        assert (RunSpec.from_dict(record["spec"]).run_id() == path.stem) == same_definition, path.name
 
 
 # --- item 1: the outer micro-batch -------------------------------------------------------------------------------
