@@ -32,9 +32,13 @@ def test_method_runs_through_the_harness_to_a_full_record(method, dirs, one_thre
     for name in ("mse", "psnr", "ssim", "perplexity", "usage", "dead_codes", "quant_error"):
         assert record["metrics"][name] is not None, name
     k = record["env"]["codebook_size"]
+    depth = record["env"]["code_depth"]  # codes per position: a (depth, K) histogram where it is above 1
     histogram = record["env"]["code_histogram"]
+    if depth > 1:  # the overall statistics count the K * depth codebook vectors as one codebook
+        assert [len(level) for level in histogram] == [k] * depth
+        histogram, k = [count for level in histogram for count in level], k * depth
     assert len(histogram) == k
-    assert sum(histogram) == record["env"]["test_images"] * 8 * 8  # every latent position of the test split (8x8)
+    assert sum(histogram) == record["env"]["test_images"] * 8 * 8 * depth  # every code of the test split (8x8)
     # the codebook statistics from the codes' histogram, by hand: never from each other
     used = sum(1 for count in histogram if count > 0)
     total = sum(histogram)

@@ -57,7 +57,8 @@ def test_output_types_shapes_and_ranges(name):
     z = feature_map(scale=3.0)
     out = q(z)
     assert out.quantized.shape == z.shape and out.quantized.dtype == z.dtype
-    assert out.indices.dtype == torch.int64 and out.indices.shape == (2, 4, 4)
+    levels = (q.code_depth,) if q.code_depth > 1 else ()  # (B, H, W), or (B, H, W, D) with D codes per position
+    assert out.indices.dtype == torch.int64 and out.indices.shape == (2, 4, 4, *levels)
     assert 0 <= int(out.indices.min()) and int(out.indices.max()) < q.codebook_size
     assert out.aux_loss.ndim == 0 and torch.isfinite(out.aux_loss)
     assert out.quant_error.ndim == 0 and torch.isfinite(out.quant_error) and float(out.quant_error) >= 0
@@ -100,8 +101,12 @@ def test_export_codebook_is_the_table_decode_indices_reads(name):
     codebook = q.export_codebook()
     if codebook is None:  # allowed by the contract, but every registered method has one today
         pytest.fail(f"{name} exports no codebook")
-    assert codebook.shape == (q.codebook_size, q.dim) and not codebook.requires_grad
     every_code = torch.arange(q.codebook_size).reshape(1, q.codebook_size, 1)  # (B, H, W) = (1, K, 1)
+    if q.code_depth > 1:  # one codebook per level: code k at every level decodes to the sum of the levels' k-th codes
+        assert codebook.shape == (q.code_depth, q.codebook_size, q.dim) and not codebook.requires_grad
+        every_code = every_code[..., None].expand(-1, -1, -1, q.code_depth)  # (1, K, 1, depth)
+        codebook = codebook.sum(0)
+    assert codebook.shape == (q.codebook_size, q.dim) and not codebook.requires_grad
     with torch.no_grad():
         decoded = q.decode_indices(every_code)  # (1, D, K, 1)
     torch.testing.assert_close(decoded[0, :, :, 0].t(), codebook, atol=1e-5, rtol=1e-5)
