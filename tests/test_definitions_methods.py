@@ -348,6 +348,9 @@ def test_fsq_rounds_the_bounded_projection_and_indexes_it_in_mixed_radix():
                                atol=1e-5)
     torch.testing.assert_close(rows_of(grad_z).double(), expected_grad, rtol=1e-4, atol=1e-5)
     assert float(out.aux_loss) == 0.0
+    # quant_error: the mean squared rounding error in the bounded code space, each channel scaled by 1 / (L // 2)
+    torch.testing.assert_close(out.quant_error.double(), (((bounded - digits) / half_width) ** 2).mean(), rtol=1e-5,
+                               atol=0)
     flags = q.fsq
     assert (flags.preserve_symmetry, flags.noise_dropout, flags.bound_hard_clamp, flags.orthogonal_rotation,
             flags.scale, flags.num_codebooks, flags.force_quantization_f32) == (False, 0.0, False, False, None, 1,
