@@ -1,7 +1,8 @@
 """Records -> the runs DataFrame that every table and figure reads.
 
 One row per (experiment, dataset, method label, seed) with columns experiment, dataset, method (the label),
-base_method, seed, path, metrics.*, cost.*, spec.* (nested options as spec.method_options.NAME).
+base_method, seed, path, status ("complete" or "diverged"), diverged_step, metrics.*, cost.*, spec.* (nested
+options as spec.method_options.NAME). A diverged run stays a row: its metrics are null, and the tables say so.
 """
 from __future__ import annotations
 
@@ -82,6 +83,29 @@ def numeric(runs: pd.DataFrame, column: str) -> pd.Series:
     if column not in runs:
         return pd.Series(np.nan, index=runs.index)
     return pd.to_numeric(runs[column], errors="coerce")
+
+
+def diverged(runs: pd.DataFrame) -> pd.Series:
+    """Which runs diverged (status "diverged"; records without a status are complete runs)."""
+    if "status" not in runs:
+        return pd.Series(False, index=runs.index)
+    return runs["status"].eq("diverged")
+
+
+def diverged_steps(runs: pd.DataFrame) -> list[str]:
+    """The steps at which these runs diverged, by seed ("?" where a record lacks it); empty when none did."""
+    gone = runs[diverged(runs)].sort_values("seed")
+    return [str(int(s)) if pd.notna(s) else "?" for s in gone["diverged_step"]]
+
+
+def divergence_text(runs: pd.DataFrame, of: bool = False) -> str:
+    """'' when none of these runs (one method's) diverged, else "k (step s)" or "k (steps s1, s2)"; with `of`,
+    "k of n (...)"."""
+    steps = diverged_steps(runs)
+    if not steps:
+        return ""
+    count = f"{len(steps)} of {len(runs)}" if of else str(len(steps))
+    return f"{count} (step{'s' if len(steps) > 1 else ''} {', '.join(steps)})"
 
 
 def null_reasons(runs: pd.DataFrame, records: dict[str, dict]) -> dict[str, list[str]]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bench.report.runs import numeric
+from bench.report.runs import diverged, divergence_text, numeric
 from bench.report.stats import fmt, mean_sd, paired_difference
 from methods import reference_method
 
@@ -86,18 +86,25 @@ def best_rows(means: list[float], metric: Metric) -> list[bool]:
 
 # --- quality and cost ------------------------------------------------------------------------------------------
 
+DIVERGED_NOTE = ("diverged: how many runs' training loss became non-finite, and at which step (the record's "
+                 "divergence); they have no metrics and are left out of every mean")
+
+
 def summary_table(runs: pd.DataFrame, metrics: list[Metric], name: str, title: str,
                   reasons: dict[str, list[str]] | None = None) -> Table | None:
-    """Rows: methods; columns: metrics with at least one value; cells: mean ± std (ddof 1) over seeds."""
-    present = [m for m in metrics if values_of(runs, m).notna().any()]
-    if not present:
+    """Rows: methods; columns: metrics with at least one value; cells: mean ± std (ddof 1) over seeds. Where a
+    run diverged, a column says how many of each method's did and at which step; a method none of whose runs
+    has a value reads "diverged" in the cells of the metrics."""
+    gone = diverged(runs)
+    present = [m for m in metrics if values_of(runs, m)[~gone].notna().any()]
+    if not present and not gone.any():
         return None
     labels = sorted(runs["method"].unique())
     experiment, dataset = runs["experiment"].iloc[0], runs["dataset"].iloc[0]
     cells = {label: {} for label in labels}
     data = []
     for metric in present:
-        values = values_of(runs, metric)
+        values = values_of(runs, metric).mask(gone)  # a diverged run's cost covers fewer steps: left out too
         summary = {label: values[runs["method"] == label].dropna() for label in labels}
         means = [s.mean() if len(s) else np.nan for s in summary.values()]
         for (label, seeds), best in zip(summary.items(), best_rows(means, metric)):
@@ -105,20 +112,24 @@ def summary_table(runs: pd.DataFrame, metrics: list[Metric], name: str, title: s
             text = mean_sd(seeds, metric.digits)
             if 0 < len(seeds) < (runs["method"] == label).sum():
                 text += f" (n={len(seeds)})"
+            elif not len(seeds) and gone[runs["method"] == label].any():
+                text = "diverged"
             cells[label][metric.label] = (text, best)
             data.append({"experiment": experiment, "dataset": dataset, "method": label, "metric": metric.name,
                          "mean": mean, "std": std, "n": len(seeds), "best": best})
     rows, bold = [], []
+    extra = ["diverged"] if gone.any() else []
     for label in labels:
         seeds = int((runs["method"] == label).sum())
-        rows.append([label, str(seeds)] + [cells[label][m.label][0] for m in present])
-        bold.append([False, False] + [cells[label][m.label][1] for m in present])
-    notes = [m.caveat for m in present if m.caveat]
+        shown = [divergence_text(runs[runs["method"] == label]) or "0"] if extra else []
+        rows.append([label, str(seeds), *shown] + [cells[label][m.label][0] for m in present])
+        bold.append([False, False, *[False] * len(shown)] + [cells[label][m.label][1] for m in present])
+    notes = [m.caveat for m in present if m.caveat] + ([DIVERGED_NOTE] if extra else [])
     absent = [m for m in metrics if m not in present]
     if absent:
         why = sorted({r for m in absent for r in (reasons or {}).get(m.column, [])})
         notes.append("no values: " + ", ".join(m.label for m in absent) + (f" ({'; '.join(why)})" if why else ""))
-    return Table(name, title, ["method", "seeds"] + [m.label for m in present], rows, bold,
+    return Table(name, title, ["method", "seeds", *extra] + [m.label for m in present], rows, bold,
                  pd.DataFrame(data), notes)
 
 
@@ -197,6 +208,10 @@ def differences_table(runs: pd.DataFrame, reference: str) -> Table | None:
         return None
     notes = ["Δ: mean over seeds of (method − reference) on the same seed; 95% t-interval on the paired "
              "differences; seeds only one side has are dropped; n/a below 2 paired seeds."]
+    gone = [f"{label}: {divergence_text(runs[runs['method'] == label], of=True)}" for label in labels
+            if divergence_text(runs[runs["method"] == label])]
+    if gone:
+        notes.append("diverged seeds, left out of the pairs: " + "; ".join(gone))
     return Table("differences", f"differences to {reference} (paired by seed)",
                  ["metric", "method", f"Δ vs {reference}", "95% CI", "paired seeds", "CI excludes 0"],
                  rows, bold, pd.DataFrame(data), notes, text_columns=2)
@@ -216,6 +231,11 @@ def value_at_time(curve: list[dict], time: float, key: str) -> float | None:
 
 def equal_compute_table(runs: pd.DataFrame, records: dict[str, dict]) -> Table | str:
     """Each method's validation MSE at the same training time T, the largest time every run's curve reaches."""
+    gone = diverged(runs)
+    left_out = sorted(runs.loc[gone, "method"].unique())
+    runs = runs[~gone]  # a diverged run's curve stops early: it would set T
+    if runs.empty:
+        return "every run diverged"
     curves = {path: [p for p in records[path].get("curves") or [] if p.get("train_s") is not None]
               for path in runs["path"]}
     usable = {path: curve for path, curve in curves.items() if curve}
@@ -249,6 +269,8 @@ def equal_compute_table(runs: pd.DataFrame, records: dict[str, dict]) -> Table |
     if late:
         notes.append(f"n/a: the first validation point of {', '.join(late)} comes after T; "
                      "a smaller --eval-every gives more points")
+    if left_out:
+        notes.append(f"diverged runs left out (of {', '.join(left_out)}): their curves stop where they diverged")
     return Table("equal_compute", "validation MSE at equal training time",
                  ["method", "seeds", "val MSE at T", "step at T", "final val MSE"], rows, bold,
                  pd.DataFrame(data), notes)
