@@ -11,7 +11,8 @@ torchvision's classes are only used to download (`--download`), since they insis
     cifar.py     `cifar10`: the python pickles
     idx.py       `mnist`, `fashion-mnist`: the idx ubyte files
     svhn.py      `svhn`: the .mat files
-    files.py     image files streamed from disk: ImageFiles, its thread pools, resizing, splits by name hashing
+    files.py     image files streamed from disk: ImageFiles, its thread pools, resizing, splits by name hashing,
+                 the split fingerprint, the readability check before training
     celeba.py    `celeba[@SIZE]`: torchvision's layout, streamed
     folders.py   `imagefolder[@SIZE]:PATH` (FFHQ, ImageNet, any folder of images), streamed
     hf.py        `hf[@SIZE]:NAME[:COLUMN]`: Hugging Face datasets (Hub ids, save_to_disk, parquet folders)
@@ -19,8 +20,8 @@ torchvision's classes are only used to download (`--download`), since they insis
 """
 from bench.datasets.catalog import DATASETS, DatasetInfo, DatasetName, image_size, list_datasets, load_dataset, parse_dataset
 from bench.datasets.common import ImageSplits, default_data_root
-from bench.datasets.files import ImageFiles
+from bench.datasets.files import ImageFiles, check_readable
 from bench.datasets.streams import IndexStream
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetName", "ImageFiles", "ImageSplits", "IndexStream", "default_data_root",
-           "image_size", "list_datasets", "load_dataset", "parse_dataset"]
+__all__ = ["DATASETS", "DatasetInfo", "DatasetName", "ImageFiles", "ImageSplits", "IndexStream", "check_readable",
+           "default_data_root", "image_size", "list_datasets", "load_dataset", "parse_dataset"]
