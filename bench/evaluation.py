@@ -4,13 +4,21 @@ Reconstruction and codebook metrics come from one pass over the test split (benc
 compare the reconstructions with the test images through the standard FID Inception (bench.fid); LPIPS needs
 ImageNet VGG16 weights; gFID trains the stage-2 prior (bench.prior), samples it and compares the samples with
 the training split.
+
+It says what it is doing, one line per stage ("evaluating: test split 961 images", "FID reference (once): ..."),
+with a progress bar over the images of each pass (off with --quiet). The Inception network comes from
+`fid_extractor`, the one place that builds it (tests replace it with a random-weight network through a fixture).
 """
 from __future__ import annotations
 
+import contextlib
 
+import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from bench.fid import fid_metrics, lpips_metric
+from bench.fid import fid_metrics, lpips_metric, reference_cache_path
+from bench.inception import FidExtractor, default_cache_dir, find_inception_weights, load_extractor
 from bench.metrics import PROTOCOL_METRICS, evaluate_split, is_finite
 from bench.prior import prior_config, run_stage2
 
@@ -20,14 +28,38 @@ def whole_split(split) -> Tensor:
     return split.cpu() if isinstance(split, Tensor) else split[0:len(split)].cpu()
 
 
-def evaluate_test(model, data, spec, autocast, fid_extractor=None) -> tuple[dict, dict, dict]:
-    """-> (metrics, null_reasons, info). Every protocol metric is a key of metrics; each None has a reason.
+def fid_extractor(spec, device) -> tuple[FidExtractor | None, str | None]:
+    """The standard FID Inception network on `device`, or (None, why no weights were found)."""
+    weights, why = find_inception_weights(spec.inception_weights)
+    if weights is None:
+        return None, why
+    return load_extractor(weights, device), None
 
-    fid_extractor replaces the Inception network (tests inject a random one; its numbers are not FID).
-    """
+
+@contextlib.contextmanager
+def counting(module: torch.nn.Module, total: int, what: str, progress: bool):
+    """A progress bar over `total` images, advanced by every forward call of `module` (by its batch size)."""
+    bar = tqdm(total=total, desc=what, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
+    handle = module.register_forward_pre_hook(lambda _, args: bar.update(len(args[0])))
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def evaluate_test(model, data, spec, autocast, progress: bool = True) -> tuple[dict, dict, dict]:
+    """-> (metrics, null_reasons, info). Every protocol metric is a key of metrics; each None has a reason."""
     device = next(model.parameters()).device
-    result = evaluate_split(model, data.test, model.quantizer.codebook_size, spec.eval_batch_size, autocast,
-                            keep_reconstructions=True, ssim=True)
+    say(f"evaluating: test split {len(data.test)} images (reconstruction, codebook, SSIM"
+        f"{', rFID, KID' if spec.fid else ''}{', gFID' if spec.gfid else ''})")
+    with counting(model, len(data.test), "test split", progress):
+        result = evaluate_split(model, data.test, model.quantizer.codebook_size, spec.eval_batch_size, autocast,
+                                keep_reconstructions=True, ssim=True)
     metrics = {name: None for name in PROTOCOL_METRICS}
     metrics.update(result.metrics)
     null_reasons: dict[str, str] = {}
@@ -37,23 +69,24 @@ def evaluate_test(model, data, spec, autocast, fid_extractor=None) -> tuple[dict
                   "reconstructions": result.reconstructions}
     test_images = whole_split(data.test)
 
+    extractor = fid_extractor(spec, device)[0] if spec.fid else None
     if spec.fid:
-        fid, reasons, fid_info = fid_metrics(
-            test_images, result.reconstructions, reference_key=f"{spec.dataset}/test", device=device,
-            weights_path=spec.inception_weights, extractor=fid_extractor)
+        fid, reasons, fid_info = inception_pass(extractor, spec, test_images, result.reconstructions,
+                                                f"{spec.dataset}/test", "reconstructed", device, progress)
         metrics["rfid"], metrics["kid"] = fid["rfid"], fid["kid"]
         null_reasons.update({k: v for k, v in reasons.items() if k in metrics})
         info.update(fid_info, kid_std=fid["kid_std"])
     else:
         null_reasons["rfid"] = null_reasons["kid"] = "rFID off for this run (fid = false)"
 
+    say("LPIPS: test split")
     metrics["lpips"], reason = lpips_metric(test_images.float() / 255, result.reconstructions.float() / 255,
                                             device=device)
     if reason:
         null_reasons["lpips"] = reason
 
     if spec.gfid:
-        gfid_stage(model, data, spec, autocast, device, fid_extractor, metrics, null_reasons, info)
+        gfid_stage(model, data, spec, autocast, device, extractor, progress, metrics, null_reasons, info)
     else:
         null_reasons["gfid"] = null_reasons["prior_bits_per_code"] = "stage-2 prior off for this run (pass --gfid)"
 
@@ -64,9 +97,27 @@ def evaluate_test(model, data, spec, autocast, fid_extractor=None) -> tuple[dict
     return metrics, {k: v for k, v in null_reasons.items() if metrics[k] is None}, info
 
 
-def gfid_stage(model, data, spec, autocast, device, fid_extractor, metrics, null_reasons, info) -> None:
+def inception_pass(extractor, spec, real: Tensor, fake: Tensor, reference_key: str, what: str, device,
+                   progress: bool) -> tuple[dict, dict, dict]:
+    """fid_metrics with a line saying what runs and a progress bar over the Inception passes. Without an
+    extractor (no weights found), fid_metrics's own lookup gives the metrics as null with the reason."""
+    if extractor is None:
+        return fid_metrics(real, fake, reference_key=reference_key, device=device, weights_path=spec.inception_weights)
+    cached = reference_cache_path(default_cache_dir(), reference_key, len(real), extractor.weights_sha256).is_file()
+    if not cached:
+        say(f"FID reference (once): Inception features of the {len(real)} images of {reference_key}, cached for "
+            f"later runs")
+    say(f"FID: Inception features of {len(fake)} {what} images")
+    total = len(fake) + (0 if cached else len(real))
+    with counting(extractor.module, total, "Inception", progress):
+        return fid_metrics(real, fake, reference_key=reference_key, device=device, extractor=extractor)
+
+
+def gfid_stage(model, data, spec, autocast, device, extractor, progress, metrics, null_reasons, info) -> None:
     """Stage 2: a prior over the training split's code grids, sampled, decoded, compared with the training split."""
     config = prior_config(spec)
+    say(f"stage-2 prior: code grids of {len(data.train)} training images, {config.steps} steps, "
+        f"{config.samples} samples")
     samples, prior_info = run_stage2(model, data, model.quantizer.codebook_size, config, device, autocast,
                                      spec.eval_batch_size)
     metrics["prior_bits_per_code"] = prior_info["prior_bits_per_code"]
@@ -77,8 +128,8 @@ def gfid_stage(model, data, spec, autocast, device, fid_extractor, metrics, null
     if not spec.fid:
         null_reasons["gfid"] = "FID off for this run (fid = false)"
         return
-    fid, reasons, fid_info = fid_metrics(whole_split(data.train), samples, reference_key=f"{spec.dataset}/train",
-                                         device=device, weights_path=spec.inception_weights, extractor=fid_extractor)
+    fid, reasons, fid_info = inception_pass(extractor, spec, whole_split(data.train), samples,
+                                            f"{spec.dataset}/train", "sampled", device, progress)
     metrics["gfid"] = fid["rfid"]
     if reasons.get("rfid"):
         null_reasons["gfid"] = reasons["rfid"]

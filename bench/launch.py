@@ -82,7 +82,8 @@ def describe(trainer: Trainer) -> str:
 def launch_inline(specs: list[RunSpec], out_dir: Path, scratch_dir: Path, options: dict) -> list[Path]:
     paths = []
     for i, spec in enumerate(specs, 1):
-        trainer = Trainer(spec, out_dir, scratch_dir, progress=not options.get("quiet"))
+        trainer = Trainer(spec, out_dir, scratch_dir, progress=not options.get("quiet"),
+                          keep_checkpoints=bool(options.get("keep_checkpoints")))
         print(f"[{i}/{len(specs)}] {spec.run_id()}: {describe(trainer)}", flush=True)
         paths.append(trainer())
     return paths
@@ -91,7 +92,8 @@ def launch_inline(specs: list[RunSpec], out_dir: Path, scratch_dir: Path, option
 def launch_submitit(cluster: str, specs: list[RunSpec], out_dir: Path, scratch_dir: Path, options: dict) -> list[Path]:
     import submitit
 
-    trainers = [Trainer(spec, out_dir.resolve(), scratch_dir.resolve(), progress=False) for spec in specs]
+    trainers = [Trainer(spec, out_dir.resolve(), scratch_dir.resolve(), progress=False,
+                        keep_checkpoints=bool(options.get("keep_checkpoints"))) for spec in specs]
     done = [t.record_path for t in trainers if t.record_path.exists()]
     todo = [t for t in trainers if not t.record_path.exists()]
     for t in trainers:

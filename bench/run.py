@@ -6,18 +6,23 @@ one RunSpec and one record; a record that exists is skipped, a run with a checkp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import secrets
 import sys
 from pathlib import Path
 
 from bench import UserError
-from bench.datasets import list_datasets, load_dataset
+from bench.datasets import check_readable, list_datasets, load_dataset
 from bench.inception import find_inception_weights
 from bench.launch import LAUNCHERS, ClusterOptions
 from bench.models import MODELS
 from bench.options import add_flags, check_keys, coerce, describe_type, field_types, flag_values, parse_text
+from bench.records import check_experiment_name, read_record_files, records_frame
 from bench.spec import RunSpec, list_presets, load_preset, preset_values
+from bench.train import RunInterrupted
 from methods import (MethodError, check_option_names, list_methods, method_entry, method_option_types,
                      method_options)
 
@@ -34,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", default="runs", help="working files: checkpoints (default runs/)")
     p.add_argument("--launcher", default="inline", help=f"one of {', '.join(LAUNCHERS)}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's final checkpoint in --scratch (default: removed once its record is written)")
     p.add_argument("--list", action="store_true", help="print methods, datasets, models and presets, then exit")
     p.add_argument("--describe", metavar="NAME", help="print one method's, model's or preset's settings, then exit")
     add_flags(p.add_argument_group("run settings (bench/spec.py:RunSpec; also --set KEY=VALUE)"), RunSpec)
@@ -121,6 +128,7 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     head, _, folder = str(values.get("dataset", "photos")).partition(":")  # imagefolder:PATH -> its last part
     dataset_label = f"{head}-{Path(folder).name}" if folder else head  # the experiment names a directory: no "/"
     values.setdefault("experiment", f"{dataset_label}-{values.get('model', 'vqvae')}")
+    check_experiment_name(str(values["experiment"]))
 
     seeds = unique(parse_text(int, s, "--seeds") for s in split_list("--seeds", args.seeds))
     specs = []
@@ -134,16 +142,53 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
 
 
 def check_buildable(specs: list[RunSpec]) -> None:
-    """Fail before any run starts: the model, every method's options and the data must be usable."""
+    """Fail before any run starts: the model, every method's options and the data must be usable, and every
+    image file of a streamed dataset readable."""
     from bench.models import build_model
 
     for spec in {(s.method, s.model, s.codebook_size, s.code_dim, repr(s.method_options), repr(s.model_options)): s
                  for s in specs}.values():
         build_model(spec)
     for spec in {(s.dataset, s.data_root): s for s in specs}.values():
-        load_dataset(spec.dataset, spec.data_root, spec.download)
+        check_readable(load_dataset(spec.dataset, spec.data_root, spec.download))
     for path in {s.inception_weights for s in specs if s.fid and s.inception_weights}:
         find_inception_weights(path)  # a path that is not a file: one clear error now, not after training
+
+
+@contextlib.contextmanager
+def writable_folders(folders: dict[str, Path]):
+    """Create each folder (flag -> folder) and a probe file in it, then remove the probe: an unwritable --out or
+    --scratch (a file, a read-only mount) is found now, not after training. If this or the block fails, the
+    folders made here are removed again (when still empty)."""
+    created: list[Path] = []
+    try:
+        for flag, folder in folders.items():
+            missing = [p for p in [folder, *folder.parents] if not p.exists() and not p.is_symlink()]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                created += reversed(missing)
+                probe = folder / f".vqbench-probe-{os.getpid()}-{secrets.token_hex(4)}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise UserError(f"{flag} {folder} is not a writable folder ({error.strerror or error}); pass a folder "
+                                f"you can write to") from None
+        yield
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def warn_about(specs: list[RunSpec]) -> None:
+    """Settings that are legal but probably not meant: one line each on stderr."""
+    for warmup, steps in unique((s.warmup_steps, s.steps) for s in specs):
+        if warmup >= steps:
+            print(f"warning: --warmup-steps {warmup} is not below --steps {steps}: the learning rate rises for the "
+                  f"whole run and never reaches --lr; pass a smaller --warmup-steps", file=sys.stderr)
 
 
 def pick_array_element(specs: list[RunSpec], index: int, launcher: str) -> RunSpec:
@@ -226,23 +271,26 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.array_index is not None:
             specs = [pick_array_element(specs, args.array_index, args.launcher)]
-        check_buildable(specs)
         out, scratch = Path(args.out), Path(args.scratch)
+        warn_about(specs)
+        with writable_folders({"--out": out, "--scratch": scratch}):
+            check_buildable(specs)
         options = {**vars(args), "cluster_flags": cluster_flags(args)}
         paths = LAUNCHERS[args.launcher](specs, out, scratch, options)
         if paths:
             from bench.report import records_table
-            from bench.records import load_records
 
-            frame = load_records(out)
-            frame = frame[frame["path"].isin([str(p) for p in paths])]
-            print(records_table(frame))
+            print(records_table(records_frame(read_record_files(paths))))
             print(f"\n{len(paths)} record(s) in {out}; `python -m bench.report {out}` for tables and figures")
         if len(paths) < len(specs) and not args.no_wait:
             return 1  # some runs failed; the summary above names them
     except (UserError, MethodError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: checkpoints and records are atomic, nothing half-written
+        print(interrupt.message() if isinstance(interrupt, RunInterrupted)
+              else "interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

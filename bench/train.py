@@ -4,13 +4,20 @@ The loop is the same for every method. The one place a method changes it is
 `model.quantizer.training_step(ctx, images)`, the update-rule hook of methods/base.py (the default is
 loss = reconstruction + aux loss, backward, optimizer step; MQ replaces it with its bi-level step).
 
-A Trainer is its own checkpoint: calling it again after a crash, a kill or a SLURM requeue resumes from
-the last checkpoint in its work directory, and calling it when the record exists does nothing.
+A Trainer is its own checkpoint: calling it again after a crash, a kill, Ctrl-C or a SLURM requeue resumes from
+the last checkpoint in its work directory, and calling it when the record exists does nothing. One process at a
+time trains a run (a lock file per run id in the scratch folder); torch's process-wide settings (threads,
+deterministic kernels) hold for the run only. A training loss that becomes non-finite ends the run early with
+a record of status "diverged": in a benchmark, divergence at some setting is a finding, not a crash.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
+import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -21,15 +28,15 @@ from bench import UserError
 from bench.datasets import IndexStream, load_dataset
 from bench.environment import environment, peak_memory_mb, reset_peak_memory
 from bench.evaluation import evaluate_test
-from bench.metrics import evaluate_split, mean_batch_perplexity
+from bench.metrics import PROTOCOL_METRICS, evaluate_split, mean_batch_perplexity
 from bench.models import build_model
-from bench.records import write_record
+from bench.records import COMPLETE, DIVERGED, atomic_file, check_experiment_name, finite_or_none, write_record
 from bench.spec import RunSpec
 from methods import TrainContext
 from methods.schedules import warmup_cosine
 
 TRAIN_STREAM, EXTRA_STREAM = 0, 1  # the harness's batches, and the method's further batches (MQ's outer)
-LOG_EVERY = 10  # progress-bar refreshes; each one syncs the host with the device
+LOG_EVERY = 10  # progress-bar refreshes and loss checks; each one syncs the host with the device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,12 +55,133 @@ def autocast_for(spec: RunSpec, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def torch_settings(device: torch.device, threads: int):
+    """torch's process-wide settings for one run, restored when it ends (normally, on an error or on Ctrl-C).
+
+    On the CPU, the backward of tensor indexing (codebook[idx], inside vector-quantize-pytorch) accumulates in a
+    thread-dependent order unless deterministic algorithms are on; there the deterministic kernel is also the
+    faster one (0.6 ms against 1.7 ms for 8192 rows). On a GPU it would cost speed: left off.
+    """
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the step it reached and the step its rerun resumes from (its last checkpoint)."""
+
+    def __init__(self, run_id: str, step: int, resume_from: int):
+        super().__init__(run_id)
+        self.run_id, self.step, self.resume_from = run_id, step, resume_from
+
+    def message(self) -> str:
+        where = (f"from step {self.resume_from}, its last checkpoint" if self.resume_from
+                 else "it starts over: no checkpoint was written yet")
+        return f"interrupted at step {self.step}; rerun the same command to resume ({self.run_id}: {where})"
+
+
+class RunLock:
+    """One process per run: an exclusive lock (flock) on SCRATCH/<experiment>/<run_id>.lock, held for the run's
+    life. The kernel drops a lock when its process ends however it ends (killed, crashed, preempted), so a lock
+    file left by a dead process is no lock: the next process takes it at once. A second process on a live run
+    says so in one line and waits; it then finds the record and skips the run. The file names its holder."""
+
+    def __init__(self, path: Path, run_id: str):
+        self.path, self.run_id, self.fd = path, run_id, None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    print(f"{self.run_id}: already running ({holder}, lock {self.path}); waiting for it to finish",
+                          flush=True)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                print(f"warning: the scratch folder {self.path.parent} takes no file locks ({error.strerror}); "
+                      f"two processes on run {self.run_id} would not be kept apart", flush=True)
+                return self
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder removes the file as it lets go: a lock on a file no longer at the path guards nothing.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+class LossWatch:
+    """The training loss of every step, kept on the device in a small buffer and read in one transfer at the
+    loop's syncs (where the progress bar is refreshed, and before validation and checkpoints): a non-finite
+    loss is found, with its step and the last finite loss before it, without a host sync per step."""
+
+    def __init__(self, device: torch.device, last_finite: float | None = None):
+        self.buffer = torch.zeros(LOG_EVERY, dtype=torch.float32, device=device)
+        self.count = 0
+        self.last: float | None = last_finite  # the latest loss read
+        self.last_finite = last_finite
+        self.diverged_step: int | None = None  # the step (1-based) whose loss was first non-finite
+
+    @property
+    def full(self) -> bool:
+        return self.count == len(self.buffer)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.buffer[self.count].copy_(loss.detach())  # no sync: a device-side copy
+        self.count += 1
+
+    def check(self, step: int) -> bool:
+        """Read the losses of the steps since the last check (`step` is the step just done); True when one is
+        non-finite."""
+        values, first = self.buffer[:self.count].tolist(), step - self.count + 1
+        self.count = 0
+        for i, value in enumerate(values):
+            self.last = value
+            if not math.isfinite(value):
+                self.diverged_step = first + i
+                return True
+            self.last_finite = value
+        return False
+
+
 class Trainer:
-    def __init__(self, spec: RunSpec, out_dir: str | Path, scratch_dir: str | Path, progress: bool = True):
+    def __init__(self, spec: RunSpec, out_dir: str | Path, scratch_dir: str | Path, progress: bool = True,
+                 keep_checkpoints: bool = False):
         self.spec = spec
         self.out_dir, self.scratch_dir = Path(out_dir), Path(scratch_dir)
         self.progress = progress
-        self.fid_extractor = None  # tests inject a random-weight network here; its numbers are not FID
+        self.keep_checkpoints = keep_checkpoints  # else the run's checkpoint is removed once its record is written
+        self._scope: contextlib.ExitStack | None = None  # torch's settings for the run, undone by close()
 
     @property
     def run_id(self) -> str:
@@ -64,22 +192,53 @@ class Trainer:
         return self.out_dir / self.spec.experiment / f"{self.run_id}.json"
 
     @property
+    def run_dir(self) -> Path:
+        return self.scratch_dir / self.spec.experiment / self.run_id
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.scratch_dir / self.spec.experiment / self.run_id / "checkpoint.pt"
+        return self.run_dir / "checkpoint.pt"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.scratch_dir / self.spec.experiment / f"{self.run_id}.lock"
 
     def __call__(self) -> Path:
         if self.record_path.exists():
             return self.record_path
-        self.setup()
-        self.train(self.spec.steps)
-        return self.finish()
+        check_experiment_name(self.spec.experiment)
+        with RunLock(self.lock_path, self.run_id):
+            if self.record_path.exists():  # another process finished the run while this one waited
+                print(f"{self.run_id}: finished by the other process; skip (record exists)", flush=True)
+                return self.record_path
+            try:
+                self.setup()
+                self.train(self.spec.steps)
+                return self.finish()
+            except KeyboardInterrupt:  # nothing half-done was saved: checkpoints and records are atomic
+                raise RunInterrupted(self.run_id, getattr(self, "step", 0), getattr(self, "saved_step", 0)) from None
+            finally:
+                self.close()
+
+    def close(self) -> None:
+        """Undo torch's process-wide settings of the run (a Trainer called as a function does it itself)."""
+        if self._scope is not None:
+            self._scope.close()
+            self._scope = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def checkpoint(self, *args, **kwargs):
         """submitit calls this on preemption or timeout: requeue a fresh Trainer, which resumes from the last
         checkpoint on disk (saving here, from a signal handler mid-step, could capture half a step)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(Trainer(self.spec, self.out_dir, self.scratch_dir, progress=False))
+        return submitit.helpers.DelayedSubmission(Trainer(self.spec, self.out_dir, self.scratch_dir, progress=False,
+                                                          keep_checkpoints=self.keep_checkpoints))
 
     # --- setup ------------------------------------------------------------------------------------------
 
@@ -88,12 +247,9 @@ class Trainer:
         spec.validate()
         self.started = time.perf_counter()
         self.device = resolve_device(spec.device)
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        # On the CPU, the backward of tensor indexing (codebook[idx], inside vector-quantize-pytorch) accumulates
-        # in a thread-dependent order unless deterministic algorithms are on; there the deterministic kernel is
-        # also the faster one (0.6 ms against 1.7 ms for 8192 rows). On a GPU it would cost speed: left off.
-        torch.use_deterministic_algorithms(self.device.type == "cpu", warn_only=True)
+        self.close()
+        self._scope = contextlib.ExitStack()
+        self._scope.enter_context(torch_settings(self.device, spec.threads))
         reset_peak_memory(self.device)
         self.data = load_dataset(spec.dataset, spec.data_root, spec.download).to(self.device)
         torch.manual_seed(spec.seed)
@@ -112,7 +268,9 @@ class Trainer:
             total_steps=spec.steps, autocast=self.autocast,
         )
         self.step, self.extra_position, self.train_seconds, self.previous_wall, self.resumes = 0, 0, 0.0, 0.0, 0
+        self.saved_step = 0  # the step of the checkpoint on disk, where a rerun resumes
         self.curves: list[dict] = []
+        self.losses = LossWatch(self.device)
         if self.checkpoint_path.exists():
             self.load_checkpoint()
 
@@ -140,31 +298,41 @@ class Trainer:
         bar = tqdm(total=until, initial=self.step, desc=self.run_id, disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         segment_start = time.perf_counter()
-        while self.step < until:
-            for group in self.optimizer.param_groups:
-                group["lr"] = spec.lr * warmup_cosine(self.step, spec.warmup_steps, spec.steps)
-            images = self.data.train[self.train_stream(self.step)]
-            self.prefetch(self.train_stream, self.step + 1)
-            self.ctx.step = self.step
-            model.before_step(self.step)
-            result = self.quantizer.training_step(self.ctx, images)  # the method's update rule
-            model.after_step(images)  # the model's own step (VQGAN's discriminator), whatever the method
-            self.step += 1
-            bar.update(1)
-            if self.progress and (self.step % LOG_EVERY == 0 or self.step == until):
-                bar.set_postfix(loss=f"{result.loss.item():.4f}",
-                                batch_ppl=f"{mean_batch_perplexity(result.output.indices, self.quantizer.codebook_size):.1f}")
-            evaluate_now = self.step == spec.steps or (spec.eval_every and self.step % spec.eval_every == 0)
-            checkpoint_now = self.step == spec.steps or (spec.ckpt_every and self.step % spec.ckpt_every == 0)
-            if evaluate_now or checkpoint_now:
-                self.train_seconds += self.elapsed_since(segment_start)
-                if evaluate_now:
-                    self.curves.append(self.validate())
-                if checkpoint_now:
-                    self.save_checkpoint()
-                segment_start = time.perf_counter()
+        try:
+            while self.step < until:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = spec.lr * warmup_cosine(self.step, spec.warmup_steps, spec.steps)
+                images = self.data.train[self.train_stream(self.step)]
+                self.prefetch(self.train_stream, self.step + 1)
+                self.ctx.step = self.step
+                model.before_step(self.step)
+                result = self.quantizer.training_step(self.ctx, images)  # the method's update rule
+                model.after_step(images)  # the model's own step (VQGAN's discriminator), whatever the method
+                self.losses.add(result.loss)
+                self.step += 1
+                bar.update(1)
+                evaluate_now = self.step == spec.steps or (spec.eval_every and self.step % spec.eval_every == 0)
+                checkpoint_now = self.step == spec.steps or (spec.ckpt_every and self.step % spec.ckpt_every == 0)
+                if self.losses.full or evaluate_now or checkpoint_now or self.step == until:
+                    if self.losses.check(self.step):  # diverged: never validated, never checkpointed
+                        break
+                    if self.progress:
+                        batch_ppl = mean_batch_perplexity(result.output.indices, self.quantizer.codebook_size)
+                        bar.set_postfix(loss=f"{self.losses.last:.4f}", batch_ppl=f"{batch_ppl:.1f}")
+                if evaluate_now or checkpoint_now:
+                    self.train_seconds += self.elapsed_since(segment_start)
+                    if evaluate_now:
+                        self.curves.append(self.validate())
+                    if checkpoint_now:
+                        self.save_checkpoint()
+                    segment_start = time.perf_counter()
+        finally:
+            bar.close()
         self.train_seconds += self.elapsed_since(segment_start)
-        bar.close()
+
+    @property
+    def diverged(self) -> bool:
+        return self.losses.diverged_step is not None
 
     def elapsed_since(self, start: float) -> float:
         if self.device.type == "cuda":
@@ -177,6 +345,11 @@ class Trainer:
         m = result.metrics
         return {"step": self.step, "train_s": round(self.train_seconds, 3), "mse": m["mse"],
                 "perplexity": m["perplexity"], "usage": m["usage"]}
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        """What fixes the dataset's splits where its name does not (a folder's file lists): None for the others."""
+        return (getattr(self.data, "info", None) or {}).get("fingerprint")
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
@@ -195,28 +368,41 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "wall_seconds": self.previous_wall + time.perf_counter() - self.started,
             "resumes": self.resumes,
+            "last_finite_loss": self.losses.last_finite,
+            "data_fingerprint": self.data_fingerprint,
         }
-        path = self.checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+        with atomic_file(self.checkpoint_path) as f:  # a kill mid-save leaves the previous checkpoint intact
+            torch.save(state, f)
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path
+        corrupt = lambda error: UserError(  # noqa: E731
+            f"checkpoint {path} is corrupt or unusable ({type(error).__name__}: {error}); delete it to start this "
+            f"run over: rm {path}")
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as error:
+            raise corrupt(error) from None
+        saved = state.get("data_fingerprint") if isinstance(state, dict) else None
+        if saved is not None and saved != self.data_fingerprint:
+            raise UserError(f"the files of dataset {self.spec.dataset} changed since run {self.run_id} was "
+                            f"checkpointed (split fingerprint {saved[:12]} -> {str(self.data_fingerprint)[:12]}: "
+                            f"images added, removed or renamed move others between the hashed splits), so it cannot "
+                            f"resume on them; restore the files, or start the run over: rm {path}")
+        try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.quantizer.load_training_state(state["method"])
             self.model.load_training_state(state["model_training"])
         except Exception as error:
-            raise UserError(f"checkpoint {path} is corrupt or unusable ({type(error).__name__}: {error}); "
-                            f"delete it to start this run over: rm {path}") from None
+            raise corrupt(error) from None
         self.step, self.extra_position = state["step"], state["extra_position"]
         self.curves, self.train_seconds = state["curves"], state["train_seconds"]
         self.previous_wall = state["wall_seconds"]
         self.resumes = state["resumes"] + 1
+        self.saved_step = self.step
+        self.losses = LossWatch(self.device, state.get("last_finite_loss"))
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
@@ -235,24 +421,30 @@ class Trainer:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, original=self.data.test[picks.to(self.data.test.device)].cpu().numpy(),
                             reconstruction=reconstructions[picks].numpy())
-        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.samples_path.with_suffix(".tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, self.samples_path)  # written before the record: a record always has its samples
+        with atomic_file(self.samples_path) as f:  # written before the record: a record always has its samples
+            f.write(buffer.getvalue())
 
     # --- the record -------------------------------------------------------------------------------------
 
     def finish(self) -> Path:
+        """Evaluate on the test split (a diverged run: nothing to evaluate) and write the record; then remove the
+        run's checkpoint unless --keep-checkpoints (no later stage reads it: gFID ran inside the evaluation)."""
         spec = self.spec
         eval_start = time.perf_counter()
-        metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast, self.fid_extractor)
+        if self.diverged:
+            print(f"{self.run_id}: diverged at step {self.losses.diverged_step} (non-finite training loss); its record "
+                  f"says so, and the runs after it go on", flush=True)
+            metrics, null_reasons, eval_info = self.diverged_metrics()
+        else:
+            metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast,
+                                                             progress=self.progress)
+            self.save_samples(eval_info.pop("reconstructions"))
         eval_seconds = time.perf_counter() - eval_start
-        self.save_samples(eval_info.pop("reconstructions"))
         count = lambda params: sum(p.numel() for p in params)  # noqa: E731
         cost = {
             "wall_s": self.previous_wall + time.perf_counter() - self.started,
             "train_s": self.train_seconds,
-            "train_images_per_s": spec.steps * spec.batch_size / max(self.train_seconds, 1e-9),
+            "train_images_per_s": self.step * spec.batch_size / max(self.train_seconds, 1e-9),
             "eval_s": eval_seconds,
             "resumes": self.resumes,
             "peak_mem_mb": peak_memory_mb(self.device),
@@ -263,13 +455,28 @@ class Trainer:
         record = {
             "experiment": spec.experiment,
             "run_id": self.run_id,
+            "status": DIVERGED if self.diverged else COMPLETE,
+            **({"divergence": {"step": self.losses.diverged_step, "last_finite_loss": self.losses.last_finite,
+                               "stopped_at_step": self.step, "steps": spec.steps}} if self.diverged else {}),
             "spec": spec.to_dict(),
             "metrics": metrics,
             "cost": cost,
             "null_reasons": null_reasons,
             "curves": self.curves,
             "env": {**environment(self.device), "codebook_size": self.quantizer.codebook_size,
-                    "export": self.quantizer.export_note(), "model_note": self.model.record_note(), **eval_info},
+                    "export": self.quantizer.export_note(), "model_note": self.model.record_note(),
+                    **({"data": self.data.info} if getattr(self.data, "info", None) else {}), **eval_info},
         }
+        non_finite: list[str] = []
+        record = finite_or_none(record, "", non_finite)  # JSON has no NaN: null, and why
+        for where in non_finite:
+            record["null_reasons"].setdefault(where.removeprefix("metrics."), "non-finite value")
         write_record(self.record_path, record)
+        if not self.keep_checkpoints:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.record_path
+
+    def diverged_metrics(self) -> tuple[dict, dict, dict]:
+        """A diverged model has no honest test metrics: every one null, with the reason."""
+        reason = "training diverged (a non-finite training loss; the record's divergence says where): not evaluated"
+        return dict.fromkeys(PROTOCOL_METRICS), dict.fromkeys(PROTOCOL_METRICS, reason), {}

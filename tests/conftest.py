@@ -41,6 +41,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def torch_settings_restored():
+    """A Trainer restores torch's process-wide settings when its run ends; a test that calls setup() by hand and
+    never close() would leave them changed for the tests after it: put them back."""
+    import torch
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.set_num_threads(saved[0])
+    torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
 @pytest.fixture
 def dirs(tmp_path):
     return {"out": tmp_path / "results", "scratch": tmp_path / "runs"}

@@ -1,4 +1,5 @@
-"""Bad input: one clear line on stderr, exit code 2, no record written."""
+"""Bad input: one clear line on stderr, exit code 2, no record written, no stray file. The table names the case
+of issue 14 ("Runs that fail safely") each row covers; tests/test_failures.py holds the faults that need a run."""
 import pytest
 
 from bench.run import build_specs, main, parser
@@ -10,33 +11,123 @@ def records(out):
     return list(out.rglob("*.json")) if out.exists() else []
 
 
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def image_folder(root, broken: str | None = None, count: int = 40):
+    """`count` small PNG images (and one file that is not an image, named `broken`) in root/images."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    if broken:
+        (folder / broken).write_bytes(b"\x89PNG but not really")
+    return folder
+
+
+def setup_file(name, text=""):
+    def make(tmp_path):
+        (tmp_path / name).write_text(text)
+    return make
+
+
+# case name -> (argv, a fragment of the one line, a function preparing tmp_path or None); "{tmp}" is tmp_path
 BAD = {
-    "unknown method": (["--methods", "ste,nosuch"], "valid methods: "),
-    "unknown dataset": (["--methods", "ste", "--dataset", "mnist9"], "valid datasets: "),
-    "zero steps": (["--methods", "ste", "--steps", "0"], "--steps must be at least 1"),
-    "negative codebook size": (["--methods", "ste", "--codebook-size", "-3"], "--codebook-size must be at least 1"),
-    "non-integer codebook size": (["--methods", "ste", "--codebook-size", "12.5"], "--codebook-size must be an integer"),
-    "unknown method option": (["--methods", "ste", "--set", "ste.bogus=1"], "has no option bogus"),
-    "unknown setting": (["--methods", "ste", "--set", "bogus=1"], "unknown setting bogus"),
-    "unknown preset": (["--methods", "ste", "--preset", "nosuch"], "valid presets:"),
+    "unknown method": (["--methods", "ste,nosuch"], "valid methods: ", None),
+    "unknown dataset": (["--methods", "ste", "--dataset", "mnist9"], "valid datasets: ", None),
+    "zero steps": (["--methods", "ste", "--steps", "0"], "--steps must be at least 1", None),
+    "negative codebook size": (["--methods", "ste", "--codebook-size", "-3"], "--codebook-size must be at least 1", None),
+    "non-integer codebook size": (["--methods", "ste", "--codebook-size", "12.5"], "--codebook-size must be an integer",
+                                  None),
+    "unknown method option": (["--methods", "ste", "--set", "ste.bogus=1"], "has no option bogus", None),
+    "unknown setting": (["--methods", "ste", "--set", "bogus=1"], "unknown setting bogus", None),
+    "unknown preset": (["--methods", "ste", "--preset", "nosuch"], "valid presets:", None),
+    # issue 14, case 2: a boolean is true/false/1/0, nothing else
+    "2 boolean not a boolean": (["--methods", "ste", "--set", "fid=maybe"], "--set fid must be true or false", None),
+    # case 3: --out or --scratch unwritable (a file here: the tests run as root, who writes to read-only modes)
+    "3 out is a file": (["--methods", "ste", "--out", "{tmp}/file"], "--out {tmp}/file is not a writable folder",
+                        setup_file("file")),
+    "3 scratch is a file": (["--methods", "ste", "--scratch", "{tmp}/file"],
+                            "--scratch {tmp}/file is not a writable folder", setup_file("file")),
+    "3 out under a file": (["--methods", "ste", "--out", "{tmp}/file/results"], "is not a writable folder",
+                           setup_file("file")),
+    # case 5: options of a method that is not in the grid, or not registered at all
+    "5 option of a misspelled method": (["--methods", "ste", "--set", "stee.commitment_weight=5"],
+                                        "'stee' is not a method of this grid", None),
+    "5 preset options of an unknown method": (["--preset", "{tmp}/p.toml"], "unknown method 'stee'",
+                                              setup_file("p.toml", 'methods = ["ste"]\n[method_options.stee]\n'
+                                                                   "commitment_weight = 5\n")),
+    # case 8: the experiment is a folder name
+    "8 experiment climbs out": (["--methods", "ste", "--experiment", "../x"], "not a plain folder name", None),
+    "8 experiment is a path": (["--methods", "ste", "--experiment", "a/b"], "not a plain folder name", None),
+    "8 experiment from a preset": (["--preset", "{tmp}/p.toml"], "not a plain folder name",
+                                   setup_file("p.toml", 'methods = ["ste"]\nexperiment = ".."\n')),
+    # case 9: an image that cannot be read is found before step 0
+    "9 unreadable image": (["--methods", "ste", "--dataset", "imagefolder@32:{tmp}/images"],
+                           "1 of 41 image files of imagefolder@32:{tmp}/images are unreadable (first: "
+                           "{tmp}/images/041.png", lambda tmp: image_folder(tmp, broken="041.png")),
+    # case 10: values that do not parse, a preset that is not TOML
+    "10 number not a number": (["--methods", "ste", "--set", "lr=abc"], "--set lr must be a number, got 'abc'", None),
+    "10 tuple of the wrong length": (["--methods", "ste", "--set", "betas=0.9"], "--set betas must be 2 comma-separated",
+                                     None),
+    "10 malformed preset": (["--preset", "{tmp}/p.toml"], "is not valid TOML", setup_file("p.toml", "steps = [\n")),
+    # case 11: empty lists
+    "11 no seeds": (["--methods", "ste", "--seeds", ","], "--seeds names nothing", None),
+    "11 no methods": (["--methods", ","], "--methods names nothing", None),
+    # case 12: messages name flags that exist; model options are checked for every model
+    "12 eval batch size": (["--methods", "ste", "--eval-batch-size", "0"], "--eval-batch-size must be at least 1", None),
+    "12 width": (["--methods", "ste", "--width", "0"], "--width must be at least 1", None),
+    "12 vqvae model option": (["--methods", "ste", "--set", "model_options.bogus=1"],
+                              "unknown model_options key bogus", None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_gives_one_line_exit_2_and_no_record(case, dirs, capsys):
-    argv, message = BAD[case]
-    code = main([*argv, "--out", str(dirs["out"]), "--scratch", str(dirs["scratch"]), "--quiet"])
+def test_bad_input_gives_one_line_exit_2_no_record_and_no_stray_file(case, tmp_path, capsys):
+    argv, message, prepare = BAD[case]
+    if prepare:
+        prepare(tmp_path)
+    before = files_under(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = ["--out", str(tmp_path / "results")] if "--out" not in argv else []
+    scratch = ["--scratch", str(tmp_path / "runs")] if "--scratch" not in argv else []
+    code = main([*argv, *out, *scratch, "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and message in err
-    assert records(dirs["out"]) == []
+    assert err.startswith("error: ") and "\n" not in err and message.replace("{tmp}", str(tmp_path)) in err, err
+    assert records(tmp_path) == []
+    assert files_under(tmp_path) == before  # nothing written, nothing left behind
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_set_false_is_the_flag_and_duplicates_run_once():
+    """Cases 2 and 4: `--set fid=false` is `--no-fid` (same value, same run id); `--seeds 0,0` is one run."""
+    by_set = build_specs(parser().parse_args(["--methods", "ste", "--set", "fid=false"]))
+    by_flag = build_specs(parser().parse_args(["--methods", "ste,ste", "--no-fid", "--seeds", "0,0"]))
+    assert len(by_flag) == 1 and by_set[0].fid is False and by_set[0].run_id() == by_flag[0].run_id()
+
+
+def test_a_warm_up_longer_than_the_run_is_said_in_one_line(dirs, capsys):
+    """Case 12: legal, probably not meant: one warning line, and the run goes on."""
+    code = main(["--methods", "ste", "--steps", "2", *TINY, "--warmup-steps", "5", "--out", str(dirs["out"]),
+                 "--scratch", str(dirs["scratch"]), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 0 and err == ("warning: --warmup-steps 5 is not below --steps 2: the learning rate rises for the "
+                                 "whole run and never reaches --lr; pass a smaller --warmup-steps")
+    assert len(records(dirs["out"])) == 1
 
 
 def test_unreadable_data_root_is_refused(dirs, tmp_path, capsys):
-    code = main(["--methods", "ste", "--data-root", str(tmp_path / "absent"), "--out", str(dirs["out"])])
+    code = main(["--methods", "ste", "--data-root", str(tmp_path / "absent"), "--out", str(dirs["out"]),
+                 "--scratch", str(dirs["scratch"])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--data-root" in err and "\n" not in err
-    assert records(dirs["out"]) == []
+    assert records(dirs["out"]) == [] and not dirs["out"].exists()
 
 
 def test_corrupt_checkpoint_is_refused_with_the_fix(dirs, capsys):
@@ -50,6 +141,7 @@ def test_corrupt_checkpoint_is_refused_with_the_fix(dirs, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "corrupt" in err and f"rm {checkpoint}" in err and "\n" not in err
     assert records(dirs["out"]) == []
+    assert files_under(dirs["scratch"]) == [str(checkpoint.relative_to(dirs["scratch"]))]  # no lock left behind
 
 
 def test_exit_code_reaches_the_shell(dirs):

@@ -16,10 +16,15 @@ def isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no VGG16 there: LPIPS must say why it is null
 
 
-def test_record_carries_rfid_kid_gfid_and_prior_bits(tmp_path, isolated_caches):
+@pytest.fixture
+def random_inception(monkeypatch):
+    """A random-weight feature network in place of the FID Inception: fast; the record names it "not FID"."""
+    monkeypatch.setattr("bench.evaluation.fid_extractor", lambda spec, device: (random_extractor(seed=0), None))
+
+
+def test_record_carries_rfid_kid_gfid_and_prior_bits(tmp_path, isolated_caches, random_inception, capsys):
     spec = tiny_spec(steps=4, fid=True, gfid=True, prior_options=TINY_PRIOR)
     trainer = Trainer(spec, tmp_path / "out", tmp_path / "runs", progress=False)
-    trainer.fid_extractor = random_extractor(seed=0)  # fast; the record then names it "not FID"
     record = json.loads(trainer().read_text())
     metrics, reasons, env = record["metrics"], record["null_reasons"], record["env"]
     for name in ("rfid", "kid", "gfid", "prior_bits_per_code"):
@@ -31,15 +36,20 @@ def test_record_carries_rfid_kid_gfid_and_prior_bits(tmp_path, isolated_caches):
     assert env["gfid"]["fid_images"] == 40 and env["gfid"]["fid_reference_images"] == 4525
     assert metrics["lpips"] is None and "LPIPS" in reasons["lpips"]
     assert set(reasons) == {"lpips"}
+    said = capsys.readouterr().out  # evaluation says what it does
+    assert "evaluating: test split 961 images" in said
+    assert "FID reference (once): Inception features of the 961 images of photos/test" in said
+    assert "FID reference (once): Inception features of the 4525 images of photos/train" in said
+    assert "stage-2 prior:" in said
 
 
-def test_reference_statistics_are_cached_across_runs(tmp_path, isolated_caches):
+def test_reference_statistics_are_cached_across_runs(tmp_path, isolated_caches, random_inception, capsys):
     infos = []
     for seed in (0, 1):
         trainer = Trainer(tiny_spec(steps=2, seed=seed, fid=True), tmp_path / "out", tmp_path / "runs", progress=False)
-        trainer.fid_extractor = random_extractor(seed=0)
         infos.append(json.loads(trainer().read_text())["env"])
     assert infos[0]["reference_cached"] is False and infos[1]["reference_cached"] is True
+    assert capsys.readouterr().out.count("FID reference (once)") == 1
 
 
 def test_fid_off_is_null_with_reason(tmp_path):

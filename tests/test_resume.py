@@ -23,17 +23,16 @@ def test_finished_run_is_skipped_not_repeated(dirs):
 def test_cpu_runs_make_library_codebook_gradients_reproducible_across_threads(tmp_path):
     """vector-quantize-pytorch gathers codes by indexing, whose CPU backward adds rows in a thread-dependent
     order (simvq's gradients differed between identical calls on 2 threads); a CPU Trainer turns on torch's
-    deterministic kernels, under which they agree bit for bit."""
+    deterministic kernels for its run, under which they agree bit for bit, and turns them off again after."""
     import torch
 
     from bench.train import Trainer
     from methods import create_method
     from tests.conftest import tiny_spec
 
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(False)
-        Trainer(tiny_spec(method="simvq", device="cpu"), tmp_path, tmp_path, progress=False).setup()
+    torch.use_deterministic_algorithms(False)
+    with Trainer(tiny_spec(method="simvq", device="cpu"), tmp_path, tmp_path, progress=False) as trainer:
+        trainer.setup()
         assert torch.are_deterministic_algorithms_enabled()
         torch.set_num_threads(2)
         grads = []
@@ -44,6 +43,4 @@ def test_cpu_runs_make_library_codebook_gradients_reproducible_across_threads(tm
             (out.quantized.square().mean() + out.aux_loss).backward()
             grads.append(torch.cat([p.grad.flatten() for p in quantizer.parameters() if p.grad is not None]))
         assert all(torch.equal(grads[0], g) for g in grads[1:])
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's settings end with it
