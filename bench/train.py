@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import shutil
@@ -465,7 +466,8 @@ class Trainer:
             "curves": self.curves,
             "env": {**environment(self.device), "codebook_size": self.quantizer.codebook_size,
                     "export": self.quantizer.export_note(), "model_note": self.model.record_note(),
-                    **({"data": self.data.info} if getattr(self.data, "info", None) else {}), **eval_info},
+                    **({"data": json.loads(json.dumps(self.data.info, default=str))}
+                       if getattr(self.data, "info", None) else {}), **eval_info},
         }
         non_finite: list[str] = []
         record = finite_or_none(record, "", non_finite)  # JSON has no NaN: null, and why

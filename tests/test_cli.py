@@ -1,5 +1,16 @@
-"""Bad input: one clear line on stderr, exit code 2, no record written, no stray file. The table names the case
-of issue 14 ("Runs that fail safely") each row covers; tests/test_failures.py holds the faults that need a run."""
+"""Bad input: one clear line on stderr, exit code 2, no record written, no stray file; and a diverged run, which
+is a result, not an error.
+
+Issue 14's twelve cases ("Runs that fail safely"): the BAD table's rows are named by their case (2, 3, 5, 8, 9,
+10, 11, 12); 1 is test_a_diverged_run_is_a_record_and_the_grid_goes_on (with 6, the files' modes); 2 and 4 also
+test_set_false_is_the_flag_and_duplicates_run_once; 12's warm-up test_a_warm_up_longer_than_the_run_is_said_in_one_line.
+tests/test_failures.py holds the faults that need processes or a report: 4 (two processes on one run), 6 (the
+umask), 7 (a damaged record stops bench.report), 9 (a resumed run refuses another file list), 10 (Ctrl-C), 12
+(checkpoints removed); tests/test_evaluation.py checks that evaluation says what it does (12).
+"""
+import json
+import os
+
 import pytest
 
 from bench.run import build_specs, main, parser
@@ -9,6 +20,17 @@ from tests.conftest import TINY, run_cli
 
 def records(out):
     return list(out.rglob("*.json")) if out.exists() else []
+
+
+def strict_json(path):
+    """The record, refusing NaN and Infinity (which json.loads would otherwise accept)."""
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def cli_args(dirs, *extra):
+    return [*TINY, "--out", str(dirs["out"]), "--scratch", str(dirs["scratch"]), "--quiet", "--threads", "1", *extra]
 
 
 def files_under(folder):
@@ -103,6 +125,40 @@ def test_bad_input_gives_one_line_exit_2_no_record_and_no_stray_file(case, tmp_p
     assert records(tmp_path) == []
     assert files_under(tmp_path) == before  # nothing written, nothing left behind
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+# --- divergence -------------------------------------------------------------------------------------------------
+
+def test_a_diverged_run_is_a_record_and_the_grid_goes_on(dirs):
+    """Case 1: lr 1e3 sends ste's loss to NaN within a few steps; the run stops at the next sync, its record says
+    where, with no NaN anywhere in the JSON, and fsq, the next method of the grid, runs."""
+    result = run_cli("--methods", "ste,fsq", "--set", "fsq.levels=8,4", "--steps", "20", "--lr", "1e3",
+                     *cli_args(dirs))
+    assert result.returncode == 0, result.stderr
+    by_method = {strict_json(p)["spec"]["method"]: strict_json(p) for p in dirs["out"].rglob("*.json")}
+    assert set(by_method) == {"ste", "fsq"}
+    ste = by_method["ste"]
+    assert ste["status"] == "diverged" and "diverged at step" in result.stdout
+    divergence = ste["divergence"]
+    assert 1 <= divergence["step"] <= divergence["stopped_at_step"] < 20
+    assert divergence["last_finite_loss"] is None or divergence["last_finite_loss"] > 0
+    assert all(v is None for v in ste["metrics"].values())
+    assert set(ste["null_reasons"]) == set(ste["metrics"]) and "diverged" in ste["null_reasons"]["mse"]
+    assert by_method["fsq"]["status"] in ("complete", "diverged")
+    mode = 0o666 & ~current_umask()
+    for path in dirs["out"].rglob("*"):  # case 6: records and samples readable by others (umask 022: 0644)
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == mode, path
+    assert files_under(dirs["scratch"]) == []  # no checkpoint, lock or temporary left (no --keep-checkpoints)
+    again = run_cli("--methods", "ste,fsq", "--set", "fsq.levels=8,4", "--steps", "20", "--lr", "1e3",
+                    *cli_args(dirs))
+    assert again.returncode == 0 and again.stdout.count("skip (record exists)") == 2  # a result, not a crash
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_set_false_is_the_flag_and_duplicates_run_once():

@@ -13,54 +13,11 @@ import pytest
 from bench import UserError
 from bench.records import atomic_file, write_record
 from bench.train import Trainer
-from tests.conftest import ROOT, TINY, run_cli, tiny_spec
-from tests.test_cli import files_under, image_folder
+from tests.conftest import ROOT, tiny_spec
+from tests.test_cli import cli_args, files_under, image_folder, strict_json
 
 
-def strict_json(path):
-    """The record, refusing NaN and Infinity (which json.loads would otherwise accept)."""
-    def refuse(constant):
-        raise AssertionError(f"{path} holds {constant}")
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
-def cli_args(dirs, *extra):
-    return [*TINY, "--out", str(dirs["out"]), "--scratch", str(dirs["scratch"]), "--quiet", "--threads", "1", *extra]
-
-
-# --- divergence -------------------------------------------------------------------------------------------------
-
-def test_a_diverged_run_is_a_record_and_the_grid_goes_on(dirs):
-    """Case 1: lr 1e3 sends ste's loss to NaN within a few steps; the run stops at the next sync, its record says
-    where, with no NaN anywhere in the JSON, and fsq, the next method of the grid, runs."""
-    result = run_cli("--methods", "ste,fsq", "--set", "fsq.levels=8,4", "--steps", "20", "--lr", "1e3",
-                     *cli_args(dirs))
-    assert result.returncode == 0, result.stderr
-    by_method = {strict_json(p)["spec"]["method"]: strict_json(p) for p in dirs["out"].rglob("*.json")}
-    assert set(by_method) == {"ste", "fsq"}
-    ste = by_method["ste"]
-    assert ste["status"] == "diverged" and "diverged at step" in result.stdout
-    divergence = ste["divergence"]
-    assert 1 <= divergence["step"] <= divergence["stopped_at_step"] < 20
-    assert divergence["last_finite_loss"] is None or divergence["last_finite_loss"] > 0
-    assert all(v is None for v in ste["metrics"].values())
-    assert set(ste["null_reasons"]) == set(ste["metrics"]) and "diverged" in ste["null_reasons"]["mse"]
-    assert by_method["fsq"]["status"] in ("complete", "diverged")
-    mode = 0o666 & ~current_umask()
-    for path in dirs["out"].rglob("*"):  # case 6: records and samples readable by others (umask 022: 0644)
-        if path.is_file():
-            assert path.stat().st_mode & 0o777 == mode, path
-    assert files_under(dirs["scratch"]) == []  # no checkpoint, lock or temporary left (no --keep-checkpoints)
-    again = run_cli("--methods", "ste,fsq", "--set", "fsq.levels=8,4", "--steps", "20", "--lr", "1e3",
-                    *cli_args(dirs))
-    assert again.returncode == 0 and again.stdout.count("skip (record exists)") == 2  # a result, not a crash
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
+# --- divergence ---------------------------------------------------------------------------------------------
 
 def test_a_non_finite_loss_is_found_at_the_next_sync_and_never_checkpointed(tmp_path, one_thread, monkeypatch):
     """From step 7 on the loss reads NaN; eval and checkpoints every 3 steps: the NaN is found at step 9, before
