@@ -22,6 +22,7 @@ from bench.models import MODELS
 from bench.options import add_flags, check_keys, coerce, describe_type, field_types, flag_values, parse_text
 from bench.records import check_experiment_name, read_record_files, records_frame
 from bench.spec import RunSpec, list_presets, load_preset, preset_values
+from bench.tracking import check_trackers
 from bench.train import RunInterrupted
 from methods import (MethodError, check_option_names, list_methods, method_entry, method_option_types,
                      method_options)
@@ -97,8 +98,13 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     if not methods_text:
         raise UserError("no methods given; pass --methods ste,ema (see --list for the names)")
     methods = unique(split_list("--methods", methods_text))
-    for method in [*methods, *method_opts]:
+    for method in methods:
         method_options(method)  # raises MethodError listing valid names
+    for method in method_opts:
+        try:
+            method_options(method)
+        except MethodError as error:
+            raise UserError(f"preset {args.preset}: [method_options.{method}]: {error}") from None
     method_opts = {m: typed_method_options(m, o) for m, o in method_opts.items()}
 
     spec_types = field_types(RunSpec)
@@ -153,6 +159,7 @@ def check_buildable(specs: list[RunSpec]) -> None:
         check_readable(load_dataset(spec.dataset, spec.data_root, spec.download))
     for path in {s.inception_weights for s in specs if s.fid and s.inception_weights}:
         find_inception_weights(path)  # a path that is not a file: one clear error now, not after training
+    check_trackers({name for s in specs for name in s.log})  # a missing tensorboard or wandb: now, one line
 
 
 @contextlib.contextmanager
@@ -171,8 +178,10 @@ def writable_folders(folders: dict[str, Path]):
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as error:
-                raise UserError(f"{flag} {folder} is not a writable folder ({error.strerror or error}); pass a folder "
-                                f"you can write to") from None
+                why = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else \
+                    error.strerror or str(error)
+                raise UserError(f"{flag} {folder} is not a writable folder ({why}); pass a folder you can write "
+                                f"to") from None
         yield
     except BaseException:
         for folder in reversed(created):
