@@ -149,7 +149,11 @@ def read_record_files(paths: list[Path]) -> list[dict]:
     """The records at these paths (those a launcher just wrote)."""
     records = []
     for path in paths:
-        record = json.loads(Path(path).read_text())
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"record {path} is damaged ({error}); delete it and rerun the command (the run is "
+                            f"trained again)") from None
         record["_path"] = str(path)
         records.append(record)
     return records
