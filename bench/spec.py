@@ -31,8 +31,13 @@ class RunSpec:
     lr: float = option(2e-4, "peak learning rate of the autoencoder (AdamW)", above=0)
     betas: tuple[float, float] = option((0.9, 0.99), "AdamW betas", minimum=0)
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    adam_eps: float = option(1e-8, "AdamW eps (the MQ authors: 1e-7)", above=0)
     warmup_steps: int = option(50, "linear warm-up steps before the cosine decay", minimum=0)
     recon_loss: Literal["mse", "l1"] = option("mse", "reconstruction loss")
+    # training-time augmentation (bench/datasets/augment.py), on training batches only
+    random_crop: tuple[float, float] | None = option(
+        None, "random square crops, their side a fraction in [a, b] of the shorter side, resized back", above=0)
+    hflip: bool = option(False, "mirror each training image with probability one half")
     # model (vqvae); model_options carries the options of other models (bench.models.MODELS declares them)
     codebook_size: int = option(512, "K, the same for every method", minimum=1)
     code_dim: int = option(64, "D, the code dimension", minimum=1)
@@ -56,12 +61,19 @@ class RunSpec:
     data_root: str | None = option(None, "folder holding the dataset (default $VQBENCH_DATA or ~/.cache/vq-bench/data)")
     download: bool = option(False, "fetch the dataset when online")
     inception_weights: str | None = option(None, "FID Inception weights file (default: found offline, see README)")
+    log: tuple[str, ...] = option((), "live views: tensorboard, wandb (comma-separated; bench/tracking.py)")
 
-    RUNTIME_FIELDS = ("ckpt_every", "device", "threads", "data_root", "download", "experiment", "inception_weights")
+    # Fields added after records were committed: part of the run id only when they differ from their default, so
+    # the ids of earlier records (made when every run had the default) still hold.
+    ADDED_FIELDS = ("adam_eps", "random_crop", "hflip")
+    RUNTIME_FIELDS = ("ckpt_every", "device", "threads", "data_root", "download", "experiment", "inception_weights",
+                      "log")
 
     def run_id(self) -> str:
         """Derived from what determines the result, so the same spec launched twice is the same run."""
-        identity = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        identity = {k: v for k, v in self.to_dict().items()
+                    if k not in self.RUNTIME_FIELDS and not (k in self.ADDED_FIELDS and v == defaults[k])}
         version = method_version(self.method)
         if version > 1:  # version 1 adds nothing, so the ids of records made before versions existed still hold
             identity["method_version"] = version

@@ -27,13 +27,15 @@ from tqdm import tqdm
 
 from bench import UserError
 from bench.datasets import IndexStream, load_dataset
+from bench.datasets.augment import Augmentation, augment_batch, draws
 from bench.environment import environment, peak_memory_mb, reset_peak_memory
 from bench.evaluation import evaluate_test
 from bench.metrics import PROTOCOL_METRICS, evaluate_split, mean_batch_perplexity
 from bench.models import build_model
 from bench.records import COMPLETE, DIVERGED, atomic_file, check_experiment_name, finite_or_none, write_record
 from bench.spec import RunSpec
-from methods import TrainContext
+from bench.tracking import Trackers, image_grid
+from methods import TrainContext, method_version
 from methods.schedules import warmup_cosine
 
 TRAIN_STREAM, EXTRA_STREAM = 0, 1  # the harness's batches, and the method's further batches (MQ's outer)
@@ -222,7 +224,10 @@ class Trainer:
                 self.close()
 
     def close(self) -> None:
-        """Undo torch's process-wide settings of the run (a Trainer called as a function does it itself)."""
+        """Undo torch's process-wide settings of the run and close its trackers (a Trainer called as a function
+        does it itself)."""
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
         if self._scope is not None:
             self._scope.close()
             self._scope = None
@@ -259,7 +264,8 @@ class Trainer:
         self.model.setup_training(spec.steps)
         self.quantizer.setup_training(spec.steps)
         self.optimizer = torch.optim.AdamW(
-            self.model.autoencoder_parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+            self.model.autoencoder_parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+            eps=spec.adam_eps,
         )
         self.autocast = autocast_for(spec, self.device)
         self.train_stream = IndexStream(len(self.data.train), spec.batch_size, spec.seed, TRAIN_STREAM, self.device)
@@ -272,24 +278,42 @@ class Trainer:
         self.saved_step = 0  # the step of the checkpoint on disk, where a rerun resumes
         self.curves: list[dict] = []
         self.losses = LossWatch(self.device)
+        self.augmentation = Augmentation(spec.random_crop, spec.hflip)
         if self.checkpoint_path.exists():
             self.load_checkpoint()
+        self.trackers = Trackers(spec.log, self.scratch_dir / spec.experiment, self.run_id, spec.to_dict(),
+                                 spec.experiment)
 
     def loss_fn(self, images):
         with self.autocast():
             return self.model.task_loss(images)
 
     def draw_extra_batch(self):
-        images = self.data.train[self.extra_stream(self.extra_position)]
+        images = self.batch(self.extra_stream, self.extra_position)
         self.extra_position += 1
         self.prefetch(self.extra_stream, self.extra_position)
         return images
 
+    def batch(self, stream: IndexStream, position: int):
+        """Batch `position` of a training stream, augmented when the run asks for it (training batches only)."""
+        rows = stream(position)
+        if not self.augmentation.active:
+            return self.data.train[rows]
+        d = draws(self.augmentation, self.spec.seed, stream.stream, position, len(rows))
+        if getattr(self.data.train, "crops_at_decode", False):  # folders crop the resized image as they decode
+            return self.data.train.augmented(rows, d)
+        return augment_batch(self.data.train[rows], d)
+
     def prefetch(self, stream: IndexStream, position: int) -> None:
         """Datasets streamed from disk start decoding a coming batch now; in-memory ones need nothing."""
         prefetch = getattr(self.data.train, "prefetch", None)
-        if prefetch is not None:
-            prefetch(stream(position))
+        if prefetch is None:
+            return
+        rows = stream(position)
+        if self.augmentation.active and getattr(self.data.train, "crops_at_decode", False):
+            prefetch(rows, draws(self.augmentation, self.spec.seed, stream.stream, position, len(rows)))
+        elif not self.augmentation.active:
+            prefetch(rows)
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -303,7 +327,7 @@ class Trainer:
             while self.step < until:
                 for group in self.optimizer.param_groups:
                     group["lr"] = spec.lr * warmup_cosine(self.step, spec.warmup_steps, spec.steps)
-                images = self.data.train[self.train_stream(self.step)]
+                images = self.batch(self.train_stream, self.step)
                 self.prefetch(self.train_stream, self.step + 1)
                 self.ctx.step = self.step
                 model.before_step(self.step)
@@ -317,13 +341,17 @@ class Trainer:
                 if self.losses.full or evaluate_now or checkpoint_now or self.step == until:
                     if self.losses.check(self.step):  # diverged: never validated, never checkpointed
                         break
-                    if self.progress:
+                    if self.progress or self.trackers:
                         batch_ppl = mean_batch_perplexity(result.output.indices, self.quantizer.codebook_size)
                         bar.set_postfix(loss=f"{self.losses.last:.4f}", batch_ppl=f"{batch_ppl:.1f}")
+                        self.trackers.scalars(self.step, {"train/loss": self.losses.last, "train/batch_perplexity":
+                                                          batch_ppl, "train/lr": self.optimizer.param_groups[0]["lr"]})
                 if evaluate_now or checkpoint_now:
                     self.train_seconds += self.elapsed_since(segment_start)
                     if evaluate_now:
                         self.curves.append(self.validate())
+                        self.trackers.scalars(self.step, {f"val/{k}": v for k, v in self.curves[-1].items()
+                                                          if k not in ("step", "train_s")})
                     if checkpoint_now:
                         self.save_checkpoint()
                     segment_start = time.perf_counter()
@@ -412,18 +440,21 @@ class Trainer:
     def samples_path(self) -> Path:
         return self.record_path.with_suffix(".samples.npz")
 
-    def save_samples(self, reconstructions: torch.Tensor, count: int = 8) -> None:
-        """Test images spread over the split and their reconstructions, beside the record, for the figures."""
+    def save_samples(self, reconstructions: torch.Tensor, count: int = 8) -> tuple:
+        """Test images spread over the split and their reconstructions, beside the record, for the figures;
+        returns them, (count, 3, H, W) uint8 each."""
         import io
 
         import numpy as np
 
         picks = torch.linspace(0, len(reconstructions) - 1, count).round().long()
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, original=self.data.test[picks.to(self.data.test.device)].cpu().numpy(),
-                            reconstruction=reconstructions[picks].numpy())
+        original = self.data.test[picks.to(self.data.test.device)].cpu().numpy()
+        reconstruction = reconstructions[picks].numpy()
+        np.savez_compressed(buffer, original=original, reconstruction=reconstruction)
         with atomic_file(self.samples_path) as f:  # written before the record: a record always has its samples
             f.write(buffer.getvalue())
+        return original, reconstruction
 
     # --- the record -------------------------------------------------------------------------------------
 
@@ -439,7 +470,8 @@ class Trainer:
         else:
             metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast,
                                                              progress=self.progress)
-            self.save_samples(eval_info.pop("reconstructions"))
+            samples = self.save_samples(eval_info.pop("reconstructions"))
+            self.trackers.image(self.step, "test/reconstructions", image_grid(*samples))
         eval_seconds = time.perf_counter() - eval_start
         count = lambda params: sum(p.numel() for p in params)  # noqa: E731
         cost = {
@@ -465,6 +497,7 @@ class Trainer:
             "null_reasons": null_reasons,
             "curves": self.curves,
             "env": {**environment(self.device), "codebook_size": self.quantizer.codebook_size,
+                    "method_version": method_version(spec.method),
                     "export": self.quantizer.export_note(), "model_note": self.model.record_note(),
                     **({"data": json.loads(json.dumps(self.data.info, default=str))}
                        if getattr(self.data, "info", None) else {}), **eval_info},
@@ -474,6 +507,7 @@ class Trainer:
         for where in non_finite:
             record["null_reasons"].setdefault(where.removeprefix("metrics."), "non-finite value")
         write_record(self.record_path, record)
+        self.trackers.summary(self.step, record["metrics"])
         if not self.keep_checkpoints:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.record_path

@@ -3,6 +3,7 @@ pool and is never held whole; the transforms that bring every image to one squar
 and splitting them by name hashing."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Callable
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from bench import UserError
+from bench.datasets.augment import crop_box
 from bench.datasets.common import ImageSplits
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -40,16 +42,26 @@ def prefetch_pool():
     return _PREFETCH_POOL
 
 
-def resize_center_crop(image, size: int) -> np.ndarray:
-    """PIL image -> (3, size, size) uint8: shorter side to `size` (bicubic, antialiased), then the centre square."""
+def resize_center_crop(image, size: int, draw: tuple[float, float, float, bool] | None = None) -> np.ndarray:
+    """PIL image -> (3, size, size) uint8: shorter side to `size` (bicubic, antialiased), then the centre square;
+    with a training draw (side, x, y, flip) of bench.datasets.augment, that square of the resized image instead,
+    brought back to `size` and mirrored when flip."""
     from PIL import Image
 
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+    if draw is None:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+    side, x, y, flip = draw
+    image = image.crop(crop_box(new_w, new_h, side, x, y))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def center_crop_resize(image, crop: int, size: int) -> np.ndarray:
@@ -103,32 +115,47 @@ class ImageFiles:
             return self.load([int(key)])[0]
         return self.load(self.positions(key))
 
-    def prefetch(self, key) -> None:
-        """Start decoding `self[key]` in the background; the next `self[key]` asking for exactly these positions
-        gets it without waiting for the disk (a training loop knows its next batch: IndexStream is seeded)."""
-        positions = self.positions(key)
-        self._pending = (positions, prefetch_pool().submit(self.decode, positions))
+    @property
+    def crops_at_decode(self) -> bool:
+        """Whether training crops are taken while decoding, from the resized image (see bench.datasets.augment)."""
+        return type(self).decode is ImageFiles.decode and "draw" in inspect.signature(self.transform).parameters
 
-    def load(self, positions: list[int]) -> Tensor:
+    def augmented(self, key, draws) -> Tensor:
+        """`self[key]` decoded with the training crops and flips of `draws` (bench.datasets.augment.CropDraws)."""
+        return self.load(self.positions(key), draws)
+
+    def prefetch(self, key, draws=None) -> None:
+        """Start decoding `self[key]` (or `self.augmented(key, draws)`) in the background; the next call asking for
+        exactly this gets it without waiting for the disk (a training loop knows its next batch: it is seeded)."""
+        positions = self.positions(key)
+        args = (positions,) if draws is None else (positions, draws)  # subclasses decode without crops
+        self._pending = ((positions, draws), prefetch_pool().submit(self.decode, *args))
+
+    def load(self, positions: list[int], draws=None) -> Tensor:
         """uint8 (len(positions), 3, S, S) on self.device."""
         if not positions:
             return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
         pending, self._pending = self._pending, None
-        batch = pending[1].result() if pending is not None and pending[0] == positions else self.decode(positions)
+        if pending is not None and pending[0][0] == positions and pending[0][1] is draws:
+            batch = pending[1].result()
+        else:
+            batch = self.decode(positions) if draws is None else self.decode(positions, draws)
         if self.device.type == "cuda":
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
-    def decode(self, positions: list[int]) -> Tensor:
-        return torch.from_numpy(np.stack(list(decode_pool().map(self.read, positions))))
+    def decode(self, positions: list[int], draws=None) -> Tensor:
+        rows = [None] * len(positions) if draws is None else [draws.row(i) for i in range(len(positions))]
+        return torch.from_numpy(np.stack(list(decode_pool().map(self.read, positions, rows))))
 
-    def read(self, position: int) -> np.ndarray:
+    def read(self, position: int, draw=None) -> np.ndarray:
         from PIL import Image
 
         path = self.files[position]
         try:
             with Image.open(path) as image:
-                return self.transform(image.convert("RGB"))
+                image = image.convert("RGB")
+                return self.transform(image) if draw is None else self.transform(image, draw=draw)
         except Exception as error:
             raise UserError(f"image file {path} is unreadable ({type(error).__name__}: {error}); replace or delete "
                             f"it") from None
