@@ -32,7 +32,8 @@ HYPER = {  # the codebook problem and the quantizer, both levels (models_vq.py, 
     "hypergrad": "darts", "fd_radius": 0.01,  # Betty's darts, first order, eps 0.01 / |v|
     "hypergrad_fp32": True,  # their precision: fp32 throughout
 }
-OPTIMIZER = {"lr": 1e-4, "betas": (0.5, 0.9), "weight_decay": 0.0, "recon_loss": "l1", "warmup": 0.1}
+OPTIMIZER = {"lr": 1e-4, "betas": (0.5, 0.9), "weight_decay": 0.0, "adam_eps": 1e-7, "recon_loss": "l1",
+             "warmup": 0.1}  # training_vqgan.py: AdamW(eps=1e-7)
 VQVAE = {  # arguments.py defaults and models/vqvae_encoder_decoder.py; generator_type vqvae, rate_p 0
     "micro_batch": 64, "accumulation": 1, "micro_steps": 20000, "K": 16384, "d": 8,
     "hyper_net": "linear", "h": 8, "mlp_hidden": 32,
@@ -47,10 +48,13 @@ VQGAN = {  # ffhq-mqgan.json, vqgan_configs/vq-f16.yaml, arguments.py (disc_star
         "disc_lr": 1e-4, "disc_betas": (0.5, 0.9), "init": "normal-0.02"},
 }
 AUTHORS = {
-    "mq-cifar10-vqvae": {**VQVAE, "dataset": "cifar10", "downsample": 4},
-    "mq-celeba-vqvae": {**VQVAE, "dataset": "celeba", "downsample": 8},
-    "mq-ffhq-vqgan": {**VQGAN, "dataset": "imagefolder@256:ffhq", "disc_start": 0.1},
-    "mq-imagenet-vqgan": {**VQGAN, "dataset": "imagefolder@256:imagenet", "disc_start": 0.2},
+    # dataset.py: CIFAR-10 and CelebA without augmentation; FFHQ resize + random crop; ImageNet + horizontal flip
+    "mq-cifar10-vqvae": {**VQVAE, "dataset": "cifar10", "downsample": 4, "random_crop": None, "hflip": False},
+    "mq-celeba-vqvae": {**VQVAE, "dataset": "celeba", "downsample": 8, "random_crop": None, "hflip": False},
+    "mq-ffhq-vqgan": {**VQGAN, "dataset": "imagefolder@256:ffhq", "disc_start": 0.1, "random_crop": (1.0, 1.0),
+                      "hflip": False},
+    "mq-imagenet-vqgan": {**VQGAN, "dataset": "imagefolder@256:imagenet", "disc_start": 0.2,
+                          "random_crop": (1.0, 1.0), "hflip": True},
 }
 
 
@@ -74,7 +78,8 @@ def expected_run(authors):
     updates = authors["micro_steps"] // authors["accumulation"]
     return {"dataset": authors["dataset"], "model": authors["model"], "steps": updates,
             "batch_size": authors["micro_batch"] * authors["accumulation"], "lr": OPTIMIZER["lr"],
-            "betas": OPTIMIZER["betas"], "weight_decay": OPTIMIZER["weight_decay"],
+            "betas": OPTIMIZER["betas"], "weight_decay": OPTIMIZER["weight_decay"], "adam_eps": OPTIMIZER["adam_eps"],
+            "random_crop": authors["random_crop"], "hflip": authors["hflip"],
             "warmup_steps": round(OPTIMIZER["warmup"] * updates), "recon_loss": OPTIMIZER["recon_loss"],
             "codebook_size": authors["K"], "code_dim": authors["d"]}
 
