@@ -35,26 +35,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from vector_quantize_pytorch import LFQ
+from torch import Tensor
 
-from methods.base import Quantizer, QuantizerOutput
-from methods.registry import MethodError, register
-
-
-def bits_of(codebook_size: int) -> int:
-    """L = log2(K) for a power of two K >= 2, else a MethodError naming the nearest valid sizes."""
-    if codebook_size < 2 or codebook_size & (codebook_size - 1):
-        lower = 1 << max(codebook_size.bit_length() - 1, 1)
-        raise MethodError(
-            f"bsq needs a codebook size that is a power of two (its codes are all sign patterns of log2(K) bits), "
-            f"got {codebook_size}; pass --codebook-size {lower} or {lower * 2}"
-        )
-    return codebook_size.bit_length() - 1
+from methods.base import Quantizer
+from methods.lfq import LookupFreeQuantizer, bits_for
+from methods.registry import register
 
 
 @register("bsq", palette_slot=14)
-class BinarySphericalQuantizer(Quantizer):
+class BinarySphericalQuantizer(LookupFreeQuantizer):
+    spherical = True
+
     def __init__(
         self,
         dim: int,
@@ -64,55 +55,21 @@ class BinarySphericalQuantizer(Quantizer):
         commitment_weight: float = 0.0,
         inv_temperature: float = 1.0,
     ):
-        super().__init__()
-        self.bits = bits_of(codebook_size)
-        self.dim, self.codebook_size = dim, codebook_size
-        self.inv_temperature = inv_temperature
-        self.lfq = LFQ(
-            dim=dim,
-            codebook_size=codebook_size,
-            entropy_loss_weight=entropy_weight,
-            commitment_loss_weight=commitment_weight * self.bits,  # the library's per-channel mean -> per-position sum
-            diversity_gamma=diversity_gamma,
-            straight_through_activation=nn.Identity(),
-            num_codebooks=1,
-            keep_num_codebooks_dim=False,
-            codebook_scale=1.0,  # codes +-1, l2-normalized by spherical=True to +-1/sqrt(L)
-            frac_per_sample_entropy=1.0,  # every position enters the per-sample entropy (below 1: a random subset)
-            has_projections=True,  # the paper's linear projection to L channels, even when D == L
-            projection_has_bias=True,
-            soft_clamp_input_value=None,
-            cosine_sim_project_in=False,
-            cosine_sim_project_in_scale=None,
-            channel_first=True,
-            experimental_softplus_entropy_loss=False,
-            entropy_loss_offset=5.0,  # only used by the softplus variant, which is off
-            spherical=True,
-            force_quantization_f32=True,
-            orthogonal_rotation=False,
-        )
+        Quantizer.__init__(self)
+        self.bits = bits_for(codebook_size, "bsq")
+        # the library's commitment term is a per-channel mean: times L, the authors' per-position sum; the projection
+        # always present (the paper's quant_embed, even when D == L)
+        self.build(dim, codebook_size, entropy_weight, commitment_weight * self.bits, diversity_gamma, inv_temperature,
+                   project=True)
+
+    def search_space(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D, H, W) -> the projected input on the unit sphere (B, H, W, L), and its code +-1/sqrt(L)."""
+        v = self.sphere(z)
+        return v, torch.where(v > 0, 1.0, -1.0) / self.bits ** 0.5
 
     def sphere(self, z: Tensor) -> Tensor:
         """(B, D, H, W) -> (B, H, W, L): the projected encoder output on the unit sphere, before quantization."""
         return F.normalize(self.lfq.project_in(z.float().permute(0, 2, 3, 1)), dim=-1)
-
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        with torch.autocast(z.device.type, enabled=False):
-            (quantized, indices, aux), breakdown = self.lfq(
-                z.float(), inv_temperature=self.inv_temperature, return_loss_breakdown=True
-            )  # (B, D, H, W), (B, H, W) int32, scalar
-            with torch.no_grad():
-                v = self.sphere(z.detach())  # (B, H, W, L)
-                q = torch.where(v > 0, 1.0, -1.0) / self.bits ** 0.5
-                err = (v - q).pow(2).mean()
-        diagnostics = {
-            "per_sample_entropy": breakdown.per_sample_entropy.detach(),
-            "batch_entropy": breakdown.batch_entropy.detach(),
-        }
-        return QuantizerOutput(quantized.to(z.dtype), indices.long(), aux, err, diagnostics)
-
-    def decode_indices(self, indices: Tensor) -> Tensor:
-        return self.lfq.indices_to_codes(indices)  # (B, H, W) -> (B, D, H, W)
 
     def export_codebook(self) -> Tensor:
         """The implicit codebook as the decoder sees it: (K, D), the codes +-1/sqrt(L) projected up."""

@@ -21,18 +21,21 @@ from methods.base import Quantizer, QuantizerOutput
 from methods.registry import MethodError, register
 
 
-def bits_for(codebook_size: int) -> int:
+def bits_for(codebook_size: int, method: str = "lfq") -> int:
+    """L = log2(K) for a power of two K >= 2, else a MethodError naming the nearest valid sizes."""
     if codebook_size < 2 or codebook_size & (codebook_size - 1):
         lower = 1 << max(codebook_size.bit_length() - 1, 1)
         raise MethodError(
-            f"lfq needs a codebook size that is a power of two (its codes are all sign patterns of log2(K) bits), "
-            f"got {codebook_size}; pass --codebook-size {lower} or {lower * 2}"
+            f"{method} needs a codebook size that is a power of two (its codes are all sign patterns of log2(K) "
+            f"bits), got {codebook_size}; pass --codebook-size {lower} or {lower * 2}"
         )
     return codebook_size.bit_length() - 1
 
 
 @register("lfq", palette_slot=9)
 class LookupFreeQuantizer(Quantizer):
+    spherical = False  # bsq: codes and inputs on the unit sphere
+
     def __init__(
         self,
         dim: int,
@@ -44,30 +47,41 @@ class LookupFreeQuantizer(Quantizer):
     ):
         super().__init__()
         self.bits = bits_for(codebook_size)
+        self.build(dim, codebook_size, entropy_loss_weight, commitment_loss_weight, diversity_gamma, inv_temperature,
+                   project=dim != self.bits)
+
+    def build(self, dim: int, codebook_size: int, entropy_weight: float, commitment_weight: float,
+              diversity_gamma: float, inv_temperature: float, project: bool) -> None:
         self.dim, self.codebook_size = dim, codebook_size
         self.inv_temperature = inv_temperature
         self.lfq = LFQ(
             dim=dim,
             codebook_size=codebook_size,
-            entropy_loss_weight=entropy_loss_weight,
-            commitment_loss_weight=commitment_loss_weight,
+            entropy_loss_weight=entropy_weight,
+            commitment_loss_weight=commitment_weight,
             diversity_gamma=diversity_gamma,
             straight_through_activation=nn.Identity(),
             num_codebooks=1,
             keep_num_codebooks_dim=False,
-            codebook_scale=1.0,
+            codebook_scale=1.0,  # codes +-1 (l2-normalized to +-1/sqrt(L) when spherical)
             frac_per_sample_entropy=1.0,  # every position enters the per-sample entropy (below 1: a random subset)
-            has_projections=dim != self.bits,
+            has_projections=project,
             projection_has_bias=True,
             soft_clamp_input_value=None,
             cosine_sim_project_in=False,
+            cosine_sim_project_in_scale=None,
             channel_first=True,
             experimental_softplus_entropy_loss=False,
             entropy_loss_offset=5.0,  # only used by the softplus variant, which is off
-            spherical=False,
+            spherical=self.spherical,
             force_quantization_f32=True,
             orthogonal_rotation=False,
         )
+
+    def search_space(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D, H, W) -> the projected inputs (B, H, W, L) and their codes, where the "search" happens."""
+        x = self.lfq.project_in(z.float().permute(0, 2, 3, 1))
+        return x, torch.where(x > 0, 1.0, -1.0)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         with torch.autocast(z.device.type, enabled=False):
@@ -75,8 +89,8 @@ class LookupFreeQuantizer(Quantizer):
                 z.float(), inv_temperature=self.inv_temperature, return_loss_breakdown=True
             )  # (B, D, H, W), (B, H, W) int32, scalar
             with torch.no_grad():
-                x = self.lfq.project_in(z.detach().float().permute(0, 2, 3, 1))  # (B, H, W, bits)
-                err = (x - torch.where(x > 0, 1.0, -1.0)).pow(2).mean()
+                x, codes = self.search_space(z.detach())
+                err = (x - codes).pow(2).mean()
         diagnostics = {
             "per_sample_entropy": breakdown.per_sample_entropy.detach(),
             "batch_entropy": breakdown.batch_entropy.detach(),
