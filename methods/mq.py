@@ -449,6 +449,8 @@ class MetaQuantizer(Quantizer):
 
 
 # --- registration -------------------------------------------------------------------------------------------------
+# mq and mq-alt spell out the same options on purpose: the registry reads a method's options from its signature, and
+# mq-alt must not offer the hypergradient's; tests/test_mq.py checks that the shared ones keep the same defaults.
 
 @register("mq", palette_slot=6, version=2)  # 2: the authors' pre-search map
 def mq(

@@ -10,6 +10,10 @@ figure (two methods claiming one slot is an error at import time; a method that 
 see `palette_slots`), `reference=True` marks the one method that comparisons are quoted against by default, and
 `version` (1 unless raised) enters the run id, so a change to a method's definition never reuses old records.
 
+Each adapter spells out its own options in its own signature, even where several methods share the same loss
+weights (ste, simvq, affine, cvq, ...): the signature is the option table, so those few repeated lines are
+deliberate, as are the flag lists of the adapters built on vector-quantize-pytorch (every behaviour flag named).
+
 Modules are discovered: `methods/__init__.py` imports every module of this package, and every module named by
 an entry point of the group `vq_bench.methods` (a method living in another installed package).
 """
