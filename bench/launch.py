@@ -18,6 +18,7 @@ from tqdm import tqdm
 from bench import UserError
 from bench.options import build, option
 from bench.spec import RunSpec, read_toml
+from bench.distributed import environment_rank
 from bench.train import Trainer
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -84,7 +85,8 @@ def launch_inline(specs: list[RunSpec], out_dir: Path, scratch_dir: Path, option
     for i, spec in enumerate(specs, 1):
         trainer = Trainer(spec, out_dir, scratch_dir, progress=not options.get("quiet"),
                           keep_checkpoints=bool(options.get("keep_checkpoints")))
-        print(f"[{i}/{len(specs)}] {spec.run_id()}: {describe(trainer)}", flush=True)
+        if environment_rank() == 0:  # under torchrun, rank 0 alone prints
+            print(f"[{i}/{len(specs)}] {spec.run_id()}: {describe(trainer)}", flush=True)
         paths.append(trainer())
     return paths
 
