@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from methods import collective
 from methods.base import (
     Quantizer, QuantizerOutput, StepResult, TrainContext, nearest_code, standard_step, to_rows,
 )
@@ -241,6 +242,9 @@ class MetaQuantizer(Quantizer):
         self.total_steps = total_steps
         self.outer_optimizer = torch.optim.SGD(self.method_parameters(), lr=self.outer_lr,
                                                momentum=self.outer_momentum)
+        # data parallelism: the accumulated outer gradient (direct + darts/jvp term, each a mean over the rank's
+        # slice) is averaged over the ranks before each step, so phi's update and its momentum are one process's
+        collective.average_gradients_before_step(self.outer_optimizer)
         self.outer_steps, self.accum_count, self.accum_grads = 0, 0, None
 
     def training_state(self) -> dict:
@@ -328,6 +332,8 @@ class MetaQuantizer(Quantizer):
             grads = torch.autograd.grad(loss, [*theta, *phi], allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip([*theta, *phi], grads)]
             v, direct = grads[: len(theta)], grads[len(theta):]
+            # v = grad_theta L_outer over the GLOBAL outer batch, before eps = fd_radius / |v| is taken from it
+            collective.all_reduce_mean_list_(v)
         with record_function("mq/hypergrad"):
             term = (self.darts_term if self.hypergrad == "darts" else self.jvp_term)(ctx, inner_images, v)
         return [d + t for d, t in zip(direct, term)]

@@ -35,7 +35,7 @@ from bench.models import VQModel
 from bench.models.init import initialize
 from bench.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from bench.models.perceptual import LPIPS
-from methods import Quantizer, QuantizerOutput
+from methods import Quantizer, QuantizerOutput, collective
 from methods.schedules import warmup_cosine
 
 @dataclass
@@ -256,6 +256,7 @@ class VQGANModel(VQModel):
         if self.discriminator is not None:
             self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr,
                                                     betas=self.disc_betas, weight_decay=0.0)
+            collective.average_gradients_before_step(self.disc_optimizer)  # data parallelism: the global mean
 
     def before_step(self, step: int) -> None:
         self.step = step
