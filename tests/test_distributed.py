@@ -1,0 +1,162 @@
+"""Data parallelism (issue 15): a 2-rank gloo run on the CPU is the one-process run.
+
+For every registered method, 5 training steps of a tiny model on a global batch of 8 in one process and on
+2 ranks (4 rows each, through the Trainer's own process-group setup from torchrun's environment variables)
+leave the same parameters, buffers, optimizer and method state (to 1e-5 relative) and give the same code
+indices on a probe batch; and a whole 2-rank run writes a record whose metrics are the one-process record's.
+Both ranks run every method inside one spawn (imports and the group's setup are paid once).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from methods import list_methods
+from tests.conftest import ROOT, tiny_spec
+
+METHODS = [m for m in list_methods() if not m.startswith("test-")]
+BATCH, STEPS, WORLD = 8, 5, 2
+RECORD_METHOD = "ema"
+
+
+def spec_for(method: str, **overrides):
+    # steps > STEPS with no validation or checkpoint: train(STEPS) stops mid-run, at the state to compare
+    values = dict(method=method, batch_size=BATCH, steps=10, eval_every=0, ckpt_every=0, threads=1, codebook_size=256)
+    values.update(overrides)
+    return tiny_spec(**values)
+
+
+def flat_state(value, prefix=""):
+    """Nested dicts/lists of tensors and numbers -> {path: tensor or value}."""
+    out = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out.update(flat_state(item, f"{prefix}/{key}"))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            out.update(flat_state(item, f"{prefix}/{i}"))
+    elif isinstance(value, torch.Tensor):
+        out[prefix] = value.detach().cpu().clone()
+    else:
+        out[prefix] = value
+    return out
+
+
+def trained_state(method: str, folder) -> dict:
+    """STEPS training steps of `method` through the Trainer (in this process, or this rank): every state a
+    checkpoint keeps, and the code indices of a probe batch."""
+    from bench.train import Trainer
+
+    trainer = Trainer(spec_for(method), folder / "out", folder / "scratch", progress=False)
+    try:
+        trainer.setup()
+        trainer.train(STEPS)
+        state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                 "method": trainer.quantizer.training_state(), "model_training": trainer.model.training_state(),
+                 "extra_position": trainer.extra_position}
+        trainer.model.eval()
+        with torch.no_grad():
+            probe = trainer.data.test[torch.arange(6)]
+            _, out = trainer.model(trainer.model.preprocess(probe))
+        state["probe_indices"] = out.indices.cpu()
+        return flat_state(state)
+    finally:
+        trainer.close()
+
+
+def worker(folder: str) -> None:
+    """One rank (its environment set by the parent): every method's state, then a whole run's record."""
+    from pathlib import Path
+
+    from bench.train import Trainer
+
+    torch.set_num_threads(1)
+    folder = Path(folder)
+    rank = int(os.environ["RANK"])
+    states = {method: trained_state(method, folder / f"rank{rank}" / method) for method in METHODS}
+    torch.save(states, folder / f"states{rank}.pt")
+    Trainer(spec_for(RECORD_METHOD, steps=STEPS, eval_every=STEPS), folder / "records", folder / f"scratch{rank}",
+            progress=False)()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same(distributed: dict, single: dict, what: str) -> None:
+    assert distributed.keys() == single.keys(), what
+    for key, expected in single.items():
+        got = distributed[key]
+        if isinstance(expected, torch.Tensor):
+            assert got.shape == expected.shape and got.dtype == expected.dtype, f"{what} {key}"
+            if not expected.is_floating_point():
+                assert torch.equal(got, expected), f"{what} {key}: differs"
+                continue
+            scale = expected.abs().max().item() if expected.numel() else 0.0
+            error = (got - expected).abs().max().item() if expected.numel() else 0.0
+            assert error <= 1e-5 * max(scale, 1e-6), f"{what} {key}: max error {error:.3g} at scale {scale:.3g}"
+        else:
+            assert got == expected, f"{what} {key}: {got!r} != {expected!r}"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """Both ranks, as torchrun would start them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+    folder = tmp_path_factory.mktemp("ranks")
+    port = free_port()
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_distributed import worker; worker({str(folder)!r})"
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "VQB_COLLECTIVE_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=900)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-4000:]}"
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rank_states(two_rank_run):
+    return [torch.load(two_rank_run / f"states{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_train_exactly_as_one_process(method, rank_states, tmp_path, one_thread):
+    single = trained_state(method, tmp_path)
+    for rank, states in enumerate(rank_states):
+        assert_same(states[method], single, f"{method} rank {rank} vs one process:")
+
+
+def test_a_two_rank_record_has_the_one_process_metrics(two_rank_run, tmp_path, one_thread):
+    from bench.train import Trainer
+
+    (path,) = (two_rank_run / "records").rglob("*.json")
+    distributed = json.loads(path.read_text())
+    single_path = Trainer(spec_for(RECORD_METHOD, steps=STEPS, eval_every=STEPS), tmp_path / "records",
+                          tmp_path / "scratch", progress=False)()
+    single = json.loads(single_path.read_text())
+    assert distributed["run_id"] == single["run_id"]  # the world size is no part of what the run is
+    assert distributed["env"]["world_size"] == WORLD and distributed["env"]["backend"] == "gloo"
+    assert single["env"]["world_size"] == 1 and single["env"]["backend"] is None
+    for name in ("mse", "psnr", "ssim", "perplexity", "usage", "dead_codes", "quant_error"):
+        assert distributed["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-5), name
+    assert distributed["env"]["code_histogram"] == single["env"]["code_histogram"]
+    assert distributed["curves"][-1]["mse"] == pytest.approx(single["curves"][-1]["mse"], rel=1e-5)
