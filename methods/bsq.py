@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import LFQ
 
+import methods.lfq  # noqa: F401  (replaces the library's broken distributed mean of the batch entropy)
+
 from methods.base import Quantizer, QuantizerOutput
 from methods.registry import MethodError, register
 
