@@ -29,12 +29,15 @@ RECORD_METHOD = "ema"
 # and among codes that close together the summation order of the averaged gradient (1e-7 relative) flips one
 # assignment in 5 steps (seen: one row's usage); with 32 codes its assignments have margins
 CODEBOOK_SIZE = {"cvq": 32}
+# ibq's default entropy temperature (0.01) saturates the softmax of a tiny untrained model: its entropy terms then
+# have no gradient in 5 steps and a rank-local batch entropy went unseen; at 1 they move the parameters
+METHOD_OPTIONS = {"ibq": {"entropy_temperature": 1.0}}
 
 
 def spec_for(method: str, **overrides):
     # steps > STEPS with no validation or checkpoint: train(STEPS) stops mid-run, at the state to compare
     values = dict(method=method, batch_size=BATCH, steps=10, eval_every=0, ckpt_every=0, threads=1,
-                  codebook_size=CODEBOOK_SIZE.get(method, 256))
+                  codebook_size=CODEBOOK_SIZE.get(method, 256), method_options=METHOD_OPTIONS.get(method, {}))
     values.update(overrides)
     return tiny_spec(**values)
 
