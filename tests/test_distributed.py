@@ -183,3 +183,16 @@ def test_a_two_rank_record_has_the_one_process_metrics(two_rank_run, tmp_path, o
         assert distributed["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-5), name
     assert distributed["env"]["code_histogram"] == single["env"]["code_histogram"]
     assert distributed["curves"][-1]["mse"] == pytest.approx(single["curves"][-1]["mse"], rel=1e-5)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_anything_starts(monkeypatch, dirs,
+                                                                                              capsys):
+    from bench.run import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main(["--methods", "ste", "--steps", "2", "--batch-size", "33", "--out", str(dirs["out"]),
+                 "--scratch", str(dirs["scratch"]), "--quiet"])
+    assert code == 2
+    assert "--batch-size 33 (the global batch) does not split into 2 equal rank slices" in capsys.readouterr().err
+    assert not dirs["out"].exists() or not any(dirs["out"].rglob("*.json"))

@@ -192,6 +192,8 @@ def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
         return nll.new_zeros(()).float()
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    # data parallelism: the norms of the global batch's gradients (each rank's loss is a mean over its slice)
+    collective.all_reduce_mean_list_([nll_grad, g_grad])
     weight = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
     return weight.clamp(0.0, 1e4).detach()
 
