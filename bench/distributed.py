@@ -100,6 +100,27 @@ def broadcast_flag(value: bool) -> bool:
     return bool(box[0])
 
 
+_FAILURE_WORDS = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe",
+                  "watchdog", "peer")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed or timed out because another rank died or hangs (not a bug of this rank)."""
+    if not collective.distributed():
+        return False
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(word in text for word in _FAILURE_WORDS)
+
+
+def failure_line(run_id: str, step: int, saved_step: int, error: BaseException) -> str:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"rank {collective.rank()} of {collective.world_size()} stopped at step {step} of {run_id}: a collective "
+            f"with the other ranks failed (another rank died or hung; timeout {collective_timeout().total_seconds():g}"
+            f" s, {TIMEOUT_ENV}): {first}; rerun the same command to resume from step {saved_step}")
+
+
 def check_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Several ranks: BatchNorm becomes SyncBatchNorm on GPUs (nccl); on the CPU gloo has no SyncBatchNorm, so a
     model with BatchNorm is refused there (per-rank batch statistics would make it another method). The default

@@ -224,6 +224,11 @@ class Trainer:
                 return self.finish()
             except KeyboardInterrupt:  # nothing half-done was saved: checkpoints and records are atomic
                 raise RunInterrupted(self.run_id, getattr(self, "step", 0), getattr(self, "saved_step", 0)) from None
+            except RuntimeError as error:
+                if not distributed.is_collective_failure(error):
+                    raise
+                raise UserError(distributed.failure_line(self.run_id, getattr(self, "step", 0),
+                                                         getattr(self, "saved_step", 0), error)) from None
             finally:
                 self.close()
 

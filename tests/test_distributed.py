@@ -196,3 +196,65 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any
     assert code == 2
     assert "--batch-size 33 (the global batch) does not split into 2 equal rank slices" in capsys.readouterr().err
     assert not dirs["out"].exists() or not any(dirs["out"].rglob("*.json"))
+
+
+def dying_worker(folder: str) -> None:
+    """Rank 1 dies before step 3; rank 0 must stop with one line naming itself and the step."""
+    from pathlib import Path
+
+    from bench import UserError
+    from bench.train import Trainer
+
+    rank = int(os.environ["RANK"])
+
+    class Dying(Trainer):
+        def setup(self):
+            super().setup()
+            if rank == 1:
+                before = self.model.before_step
+
+                def die_at_3(step):
+                    if step == 3:
+                        os._exit(3)
+                    before(step)
+
+                self.model.before_step = die_at_3
+
+    try:
+        Dying(spec_for("ste", steps=6, eval_every=0, ckpt_every=2), Path(folder) / "out", Path(folder) / "scratch",
+              progress=False)()
+    except UserError as error:
+        print(f"error: {error}")
+        sys.exit(2)
+
+
+def start_ranks(function: str, folder, timeout_s: int) -> list[subprocess.Popen]:
+    port = free_port()
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_distributed import {function}; "
+            f"{function}({str(folder)!r})")
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "VQB_COLLECTIVE_TIMEOUT_S": str(timeout_s), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line_within_the_timeout(tmp_path):
+    import time
+
+    procs = start_ranks("dying_worker", tmp_path, timeout_s=15)
+    started = time.monotonic()
+    try:
+        out0 = procs[0].communicate(timeout=120)[0]
+        procs[1].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 3
+    assert procs[0].returncode == 2, out0[-3000:]
+    (line,) = [line for line in out0.splitlines() if line.startswith("error:")]
+    assert "rank 0 of 2 stopped at step 3 of ste-" in line and "resume from step 2" in line, line
+    assert time.monotonic() - started < 100
