@@ -53,7 +53,7 @@ def export_submitit_environment() -> None:
     """Inside a submitit task of a multi-task job: set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT."""
     import submitit
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def check_batch(batch_size: int, world: int | None = None) -> None:

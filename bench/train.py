@@ -181,8 +181,9 @@ class LossWatch:
 
 class Trainer:
     def __init__(self, spec: RunSpec, out_dir: str | Path, scratch_dir: str | Path, progress: bool = True,
-                 keep_checkpoints: bool = False):
+                 keep_checkpoints: bool = False, submitit_ranks: bool = False):
         self.spec = spec
+        self.submitit_ranks = submitit_ranks  # one task of a multi-task submitit job: its rank from submitit
         self.out_dir, self.scratch_dir = Path(out_dir), Path(scratch_dir)
         self.progress = progress
         self.keep_checkpoints = keep_checkpoints  # else the run's checkpoint is removed once its record is written
@@ -209,6 +210,8 @@ class Trainer:
         return self.scratch_dir / self.spec.experiment / f"{self.run_id}.lock"
 
     def __call__(self) -> Path:
+        if self.submitit_ranks:
+            distributed.export_submitit_environment()
         distributed.init_process_group(self.spec.device)
         if distributed.broadcast_flag(self.record_path.exists()):  # rank 0's view decides for every rank
             return self.record_path
@@ -253,7 +256,8 @@ class Trainer:
         import submitit
 
         return submitit.helpers.DelayedSubmission(Trainer(self.spec, self.out_dir, self.scratch_dir, progress=False,
-                                                          keep_checkpoints=self.keep_checkpoints))
+                                                          keep_checkpoints=self.keep_checkpoints,
+                                                          submitit_ranks=self.submitit_ranks))
 
     # --- setup ------------------------------------------------------------------------------------------
 

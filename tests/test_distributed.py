@@ -258,3 +258,29 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_within_the_timeout(tmp_
     (line,) = [line for line in out0.splitlines() if line.startswith("error:")]
     assert "rank 0 of 2 stopped at step 3 of ste-" in line and "resume from step 2" in line, line
     assert time.monotonic() - started < 100
+
+
+def test_slurm_jobs_ask_for_one_task_per_gpu_on_every_node():
+    from bench.launch import ClusterOptions
+
+    params = ClusterOptions(nodes=2, gpus_per_node=4).submitit_parameters("slurm")
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 4, 4)
+    assert ClusterOptions(nodes=2, gpus_per_node=4).world_size == 8
+    single = ClusterOptions().submitit_parameters("slurm")  # unchanged: one task on one node
+    assert (single["nodes"], single["tasks_per_node"]) == (1, 1)
+    assert ClusterOptions(ranks=2).submitit_parameters("local")["tasks_per_node"] == 2
+
+
+def test_local_launcher_runs_one_run_on_two_cpu_ranks(dirs):
+    from tests.conftest import TINY, run_cli
+
+    result = run_cli("--launcher", "local", "--ranks", "2", "--methods", "ema", "--steps", "4", *TINY,
+                     "--batch-size", "8", "--threads", "1", "--out", str(dirs["out"]), "--scratch",
+                     str(dirs["scratch"]), "--quiet", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (path,) = dirs["out"].rglob("*.json")
+    record = json.loads(path.read_text())
+    assert (record["env"]["world_size"], record["env"]["backend"]) == (2, "gloo")
+    refused = run_cli("--launcher", "local", "--ranks", "2", "--methods", "ema", "--steps", "4", *TINY,
+                      "--batch-size", "9", "--out", str(dirs["out"]), "--scratch", str(dirs["scratch"]), "--quiet")
+    assert refused.returncode == 2 and "does not split into 2 equal rank slices" in refused.stderr
