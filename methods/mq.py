@@ -239,6 +239,12 @@ class MetaQuantizer(Quantizer):
     # --- training: setup and state ----------------------------------------------------------------------------
 
     def setup_training(self, total_steps: int) -> None:
+        if self.outer_micro_batch is not None and collective.distributed():
+            # a micro-batch is m rows of the GLOBAL drawn batch (and the last m of the step's): each rank holds a
+            # contiguous slice, so its own m-row pieces would be other images; not implemented, so refused
+            raise MethodError(f"option outer_micro_batch={self.outer_micro_batch} is not supported with "
+                              f"{collective.world_size()} data-parallel ranks yet; run it in one process, or without "
+                              f"the option (remove outer_micro_batch from the method's options)")
         self.total_steps = total_steps
         self.outer_optimizer = torch.optim.SGD(self.method_parameters(), lr=self.outer_lr,
                                                momentum=self.outer_momentum)

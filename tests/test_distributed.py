@@ -284,3 +284,14 @@ def test_local_launcher_runs_one_run_on_two_cpu_ranks(dirs):
     refused = run_cli("--launcher", "local", "--ranks", "2", "--methods", "ema", "--steps", "4", *TINY,
                       "--batch-size", "9", "--out", str(dirs["out"]), "--scratch", str(dirs["scratch"]), "--quiet")
     assert refused.returncode == 2 and "does not split into 2 equal rank slices" in refused.stderr
+
+
+def test_mq_refuses_an_outer_micro_batch_under_several_ranks(monkeypatch):
+    from methods import MethodError, collective, create_method
+
+    quantizer = create_method("mq", dim=8, codebook_size=32, outer_micro_batch=4)
+    quantizer.setup_training(10)  # one process: fine
+    monkeypatch.setattr(collective, "distributed", lambda: True)
+    monkeypatch.setattr(collective, "world_size", lambda: 2)
+    with pytest.raises(MethodError, match="outer_micro_batch=4 is not supported with 2 data-parallel ranks"):
+        quantizer.setup_training(10)
