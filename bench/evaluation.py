@@ -40,7 +40,10 @@ def fid_extractor(spec, device) -> tuple[FidExtractor | None, str | None]:
 def counting(module: torch.nn.Module, total: int, what: str, progress: bool):
     """A progress bar over `total` images, advanced by every forward call of `module` (by its batch size)."""
     bar = tqdm(total=total, desc=what, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    handle = module.register_forward_pre_hook(lambda _, args: bar.update(len(args[0])))
+    def advance(_, args):  # returns None: a pre-hook's non-None result would replace the input (tqdm's update
+        bar.update(len(args[0]))  # returns True when it redraws)
+
+    handle = module.register_forward_pre_hook(advance)
     try:
         yield
     finally:

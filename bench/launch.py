@@ -18,6 +18,7 @@ from tqdm import tqdm
 from bench import UserError
 from bench.options import build, option
 from bench.spec import RunSpec, read_toml
+from bench.distributed import check_batch, environment_rank
 from bench.train import Trainer
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -28,7 +29,10 @@ class ClusterOptions:
     """Everything a SLURM job asks for, in one place (a preset file in slurm/ fills it, flags override)."""
 
     partition: str | None = option(None, "SLURM partition")
-    gpus_per_node: int = option(0, "GPUs per job", minimum=0)
+    gpus_per_node: int = option(0, "GPUs per node of a job; above 1, one data-parallel rank (task) per GPU", minimum=0)
+    nodes: int = option(1, "nodes per run (data parallel: gpus-per-node ranks on each)", minimum=1)
+    ranks: int = option(0, "data-parallel ranks per node on CPUs (--launcher local: R CPU processes, gloo); 0: one "
+                           "per GPU, or one", minimum=0)
     cpus_per_task: int = option(2, "CPUs per job", minimum=1)
     mem_gb: int = option(4, "memory per job in GB (each job imports torch, ~0.8 GB resident)", minimum=1)
     time_min: int = option(240, "time limit in minutes", flag="--time", minimum=1)
@@ -40,12 +44,24 @@ class ClusterOptions:
     sbatch: dict = option(flag=False, factory=dict)  # any further #SBATCH key=value (the --sbatch flag)
     setup: list = option(flag=False, factory=list)  # shell lines run before the job (module load, conda activate)
 
+    @property
+    def tasks_per_node(self) -> int:
+        """One task per data-parallel rank: --ranks where given, else one per GPU (at least one)."""
+        return self.ranks or max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tasks_per_node * self.nodes
+
     def submitit_parameters(self, cluster: str) -> dict:
         if cluster == "local":
-            return {"timeout_min": self.time_min, "cpus_per_task": self.cpus_per_task, "gpus_per_node": self.gpus_per_node}
+            if self.nodes > 1:
+                raise UserError(f"--nodes {self.nodes}: --launcher local runs on this machine; use --ranks R")
+            return {"timeout_min": self.time_min, "cpus_per_task": self.cpus_per_task, "gpus_per_node": self.gpus_per_node,
+                    "tasks_per_node": self.tasks_per_node}
         params = {
             "timeout_min": self.time_min, "cpus_per_task": self.cpus_per_task, "mem_gb": self.mem_gb,
-            "tasks_per_node": 1, "nodes": 1,
+            "tasks_per_node": self.tasks_per_node, "nodes": self.nodes,
             "slurm_array_parallelism": self.array_parallelism, "slurm_signal_delay_s": self.signal_delay_s,
             "slurm_additional_parameters": {"requeue": True, **self.sbatch},
             # torch would start one thread per core of the node, whatever the job was granted (--threads wins)
@@ -84,7 +100,8 @@ def launch_inline(specs: list[RunSpec], out_dir: Path, scratch_dir: Path, option
     for i, spec in enumerate(specs, 1):
         trainer = Trainer(spec, out_dir, scratch_dir, progress=not options.get("quiet"),
                           keep_checkpoints=bool(options.get("keep_checkpoints")))
-        print(f"[{i}/{len(specs)}] {spec.run_id()}: {describe(trainer)}", flush=True)
+        if environment_rank() == 0:  # under torchrun, rank 0 alone prints
+            print(f"[{i}/{len(specs)}] {spec.run_id()}: {describe(trainer)}", flush=True)
         paths.append(trainer())
     return paths
 
@@ -92,8 +109,13 @@ def launch_inline(specs: list[RunSpec], out_dir: Path, scratch_dir: Path, option
 def launch_submitit(cluster: str, specs: list[RunSpec], out_dir: Path, scratch_dir: Path, options: dict) -> list[Path]:
     import submitit
 
+    settings = cluster_options(options.get("slurm_preset"), options.get("cluster_flags", {}))
+    world = settings.world_size
+    for spec in specs:  # refused before anything is submitted
+        check_batch(spec.batch_size, world)
     trainers = [Trainer(spec, out_dir.resolve(), scratch_dir.resolve(), progress=False,
-                        keep_checkpoints=bool(options.get("keep_checkpoints"))) for spec in specs]
+                        keep_checkpoints=bool(options.get("keep_checkpoints")), submitit_ranks=world > 1)
+                for spec in specs]
     done = [t.record_path for t in trainers if t.record_path.exists()]
     todo = [t for t in trainers if not t.record_path.exists()]
     for t in trainers:
@@ -101,7 +123,6 @@ def launch_submitit(cluster: str, specs: list[RunSpec], out_dir: Path, scratch_d
             print(f"{t.run_id}: skip (record exists)")
     if not todo:
         return done
-    settings = cluster_options(options.get("slurm_preset"), options.get("cluster_flags", {}))
     if cluster == "slurm":
         missing = [c for c in ("sbatch", "sacct") if shutil.which(c) is None]
         if missing:
@@ -144,7 +165,7 @@ def follow(jobs, trainers: list[Trainer], progress: bool = True, poll_s: float =
     completed, failed = [], []
     for job, trainer in zip(jobs, trainers):
         try:
-            completed.append(Path(job.result()))
+            completed.append(Path(job.results()[0]))  # a data-parallel job has one result per rank; rank 0's
         except Exception as error:  # one failed run fails alone
             failed.append((trainer.run_id, job, _failure_reason(job, error)))
     requeued = [p for p in completed if _resumes(p)]

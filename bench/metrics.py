@@ -90,7 +90,8 @@ def evaluate_split(
     if ssim:
         from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-        ssim_metric = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+        # the split is this process's whole to evaluate: no gather from other ranks at compute()
+        ssim_metric = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         with autocast():

@@ -14,7 +14,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from bench import UserError
+from bench import UserError, distributed
 from bench.datasets import check_readable, list_datasets, load_dataset
 from bench.inception import find_inception_weights
 from bench.launch import LAUNCHERS, ClusterOptions
@@ -280,13 +280,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.array_index is not None:
             specs = [pick_array_element(specs, args.array_index, args.launcher)]
+        world = distributed.environment_world_size()
+        if world > 1:  # under torchrun: refused before anything starts
+            if args.launcher != "inline":
+                raise UserError(f"this process is one of {world} ranks (torchrun): it trains inline; drop --launcher "
+                                f"{args.launcher}")
+            for spec in specs:
+                distributed.check_batch(spec.batch_size, world)
+            distributed.collective_timeout()
+        main_rank = distributed.environment_rank() == 0
         out, scratch = Path(args.out), Path(args.scratch)
         warn_about(specs)
         with writable_folders({"--out": out, "--scratch": scratch}):
             check_buildable(specs)
         options = {**vars(args), "cluster_flags": cluster_flags(args)}
         paths = LAUNCHERS[args.launcher](specs, out, scratch, options)
-        if paths:
+        if paths and main_rank:
             from bench.report import records_table
 
             print(records_table(records_frame(read_record_files(paths))))

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from bench import UserError
 from bench.datasets import IndexStream, load_dataset
-from bench.datasets.augment import Augmentation, augment_batch, draws
+from bench.datasets.augment import Augmentation, CropDraws, augment_batch, draws
+from bench import distributed
 from bench.environment import environment, peak_memory_mb, reset_peak_memory
 from bench.evaluation import evaluate_test
 from bench.metrics import PROTOCOL_METRICS, evaluate_split, mean_batch_perplexity
@@ -33,7 +34,7 @@ from bench.lock import RunLock
 from bench.records import COMPLETE, DIVERGED, atomic_file, check_experiment_name, finite_or_none, write_record
 from bench.spec import RunSpec
 from bench.tracking import Trackers, image_grid
-from methods import TrainContext, method_version
+from methods import TrainContext, collective, method_version
 from methods.schedules import warmup_cosine
 
 TRAIN_STREAM, EXTRA_STREAM = 0, 1  # the harness's batches, and the method's further batches (MQ's outer)
@@ -112,6 +113,7 @@ class LossWatch:
     def check(self, step: int) -> bool:
         """Read the losses of the steps since the last check (`step` is the step just done); True when one is
         non-finite."""
+        collective.all_reduce_mean_(self.buffer)  # several ranks: the global batch's loss, the same on every rank
         values, first = self.buffer[:self.count].tolist(), step - self.count + 1
         self.count = 0
         for i, value in enumerate(values):
@@ -125,8 +127,9 @@ class LossWatch:
 
 class Trainer:
     def __init__(self, spec: RunSpec, out_dir: str | Path, scratch_dir: str | Path, progress: bool = True,
-                 keep_checkpoints: bool = False):
+                 keep_checkpoints: bool = False, submitit_ranks: bool = False):
         self.spec = spec
+        self.submitit_ranks = submitit_ranks  # one task of a multi-task submitit job: its rank from submitit
         self.out_dir, self.scratch_dir = Path(out_dir), Path(scratch_dir)
         self.progress = progress
         self.keep_checkpoints = keep_checkpoints  # else the run's checkpoint is removed once its record is written
@@ -153,11 +156,15 @@ class Trainer:
         return self.scratch_dir / self.spec.experiment / f"{self.run_id}.lock"
 
     def __call__(self) -> Path:
-        if self.record_path.exists():
+        if self.submitit_ranks:
+            distributed.export_submitit_environment()
+        distributed.init_process_group(self.spec.device)
+        if distributed.broadcast_flag(self.record_path.exists()):  # rank 0's view decides for every rank
             return self.record_path
         check_experiment_name(self.spec.experiment)
-        with RunLock(self.lock_path, self.run_id):
-            if self.record_path.exists():  # another process finished the run while this one waited
+        # one process per run: under data parallelism rank 0 holds the lock for its ranks
+        with RunLock(self.lock_path, self.run_id) if distributed.is_main() else contextlib.nullcontext():
+            if distributed.broadcast_flag(self.record_path.exists()):  # another process finished it meanwhile
                 print(f"{self.run_id}: finished by the other process; skip (record exists)", flush=True)
                 return self.record_path
             try:
@@ -166,6 +173,11 @@ class Trainer:
                 return self.finish()
             except KeyboardInterrupt:  # nothing half-done was saved: checkpoints and records are atomic
                 raise RunInterrupted(self.run_id, getattr(self, "step", 0), getattr(self, "saved_step", 0)) from None
+            except RuntimeError as error:
+                if not distributed.is_collective_failure(error):
+                    raise
+                raise UserError(distributed.failure_line(self.run_id, getattr(self, "step", 0),
+                                                         getattr(self, "saved_step", 0), error)) from None
             finally:
                 self.close()
 
@@ -190,7 +202,8 @@ class Trainer:
         import submitit
 
         return submitit.helpers.DelayedSubmission(Trainer(self.spec, self.out_dir, self.scratch_dir, progress=False,
-                                                          keep_checkpoints=self.keep_checkpoints))
+                                                          keep_checkpoints=self.keep_checkpoints,
+                                                          submitit_ranks=self.submitit_ranks))
 
     # --- setup ------------------------------------------------------------------------------------------
 
@@ -198,14 +211,18 @@ class Trainer:
         spec = self.spec
         spec.validate()
         self.started = time.perf_counter()
-        self.device = resolve_device(spec.device)
+        ranked_device = distributed.init_process_group(spec.device)
+        self.world, self.rank = collective.world_size(), collective.rank()
+        distributed.check_batch(spec.batch_size, self.world)
+        self.progress = self.progress and self.rank == 0
+        self.device = resolve_device(ranked_device or spec.device)
         self.close()
         self._scope = contextlib.ExitStack()
         self._scope.enter_context(torch_settings(self.device, spec.threads))
         reset_peak_memory(self.device)
         self.data = load_dataset(spec.dataset, spec.data_root, spec.download).to(self.device)
         torch.manual_seed(spec.seed)
-        self.model = build_model(spec).to(self.device)
+        self.model = distributed.check_batchnorm(build_model(spec), self.device).to(self.device)
         self.quantizer = self.model.quantizer
         self.model.setup_training(spec.steps)
         self.quantizer.setup_training(spec.steps)
@@ -213,6 +230,7 @@ class Trainer:
             self.model.autoencoder_parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
             eps=spec.adam_eps,
         )
+        collective.average_gradients_before_step(self.optimizer)  # several ranks: the global batch's gradient
         self.autocast = autocast_for(spec, self.device)
         self.train_stream = IndexStream(len(self.data.train), spec.batch_size, spec.seed, TRAIN_STREAM, self.device)
         self.extra_stream = IndexStream(len(self.data.train), spec.batch_size, spec.seed, EXTRA_STREAM, self.device)
@@ -227,7 +245,7 @@ class Trainer:
         self.augmentation = Augmentation(spec.random_crop, spec.hflip)
         if self.checkpoint_path.exists():
             self.load_checkpoint()
-        self.trackers = Trackers(spec.log, self.scratch_dir / spec.experiment, self.run_id, spec.to_dict(),
+        self.trackers = Trackers(spec.log if self.rank == 0 else (), self.scratch_dir / spec.experiment, self.run_id, spec.to_dict(),
                                  spec.experiment)
 
     def loss_fn(self, images):
@@ -242,22 +260,37 @@ class Trainer:
 
     def batch(self, stream: IndexStream, position: int):
         """Batch `position` of a training stream, augmented when the run asks for it (training batches only)."""
-        rows = stream(position)
+        rows = self.own_rows(stream(position))
         if not self.augmentation.active:
             return self.data.train[rows]
-        d = draws(self.augmentation, self.spec.seed, stream.stream, position, len(rows))
+        d = self.own_draws(draws(self.augmentation, self.spec.seed, stream.stream, position, len(rows) * self.world))
         if getattr(self.data.train, "crops_at_decode", False):  # folders crop the resized image as they decode
             return self.data.train.augmented(rows, d)
         return augment_batch(self.data.train[rows], d)
+
+    def own_rows(self, rows):
+        """This rank's contiguous slice of a global batch's rows (all of them in one process)."""
+        if self.world == 1:
+            return rows
+        n = len(rows) // self.world
+        return rows[self.rank * n:(self.rank + 1) * n]
+
+    def own_draws(self, d: CropDraws) -> CropDraws:
+        if self.world == 1:
+            return d
+        n = len(d.side) // self.world
+        part = slice(self.rank * n, (self.rank + 1) * n)
+        return CropDraws(side=d.side[part], x=d.x[part], y=d.y[part], flip=d.flip[part])
 
     def prefetch(self, stream: IndexStream, position: int) -> None:
         """Datasets streamed from disk start decoding a coming batch now; in-memory ones need nothing."""
         prefetch = getattr(self.data.train, "prefetch", None)
         if prefetch is None:
             return
-        rows = stream(position)
+        rows = self.own_rows(stream(position))
         if self.augmentation.active and getattr(self.data.train, "crops_at_decode", False):
-            prefetch(rows, draws(self.augmentation, self.spec.seed, stream.stream, position, len(rows)))
+            prefetch(rows, self.own_draws(draws(self.augmentation, self.spec.seed, stream.stream, position,
+                                                len(rows) * self.world)))
         elif not self.augmentation.active:
             prefetch(rows)
 
@@ -294,12 +327,13 @@ class Trainer:
                                                           batch_ppl, "train/lr": self.optimizer.param_groups[0]["lr"]})
                 if evaluate_now or checkpoint_now:
                     self.train_seconds += self.elapsed_since(segment_start)
-                    if evaluate_now:
+                    if evaluate_now and self.rank == 0:  # rank 0 validates the whole split; the others wait
                         self.curves.append(self.validate())
                         self.trackers.scalars(self.step, {f"val/{k}": v for k, v in self.curves[-1].items()
                                                           if k not in ("step", "train_s")})
-                    if checkpoint_now:
+                    if checkpoint_now and self.rank == 0:
                         self.save_checkpoint()
+                    distributed.barrier()  # within the collective timeout
                     segment_start = time.perf_counter()
         finally:
             bar.close()
@@ -407,6 +441,22 @@ class Trainer:
     def finish(self) -> Path:
         """Evaluate on the test split (a diverged run: nothing to evaluate) and write the record; then remove the
         run's checkpoint unless --keep-checkpoints (no later stage reads it: gFID ran inside the evaluation)."""
+        peak = peak_memory_mb(self.device)
+        if self.world > 1:  # the largest rank's
+            box = torch.tensor([peak if peak is not None else -1.0], dtype=torch.float64, device=self.device)
+            peak = collective.all_reduce_max_(box).item()
+            peak = None if peak < 0 else peak
+        if self.rank != 0:
+            # rank 0 evaluates the whole split (sharded evaluation is a later improvement) and writes the record;
+            # the others wait for it within the collective timeout
+            distributed.barrier()
+            return self.record_path
+        try:
+            return self._finish(peak)
+        finally:
+            distributed.barrier()
+
+    def _finish(self, peak: float | None) -> Path:
         spec = self.spec
         eval_start = time.perf_counter()
         if self.diverged:
@@ -426,7 +476,7 @@ class Trainer:
             "train_images_per_s": self.step * spec.batch_size / max(self.train_seconds, 1e-9),
             "eval_s": eval_seconds,
             "resumes": self.resumes,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            "peak_mem_mb": peak,
             "params_autoencoder": count(self.model.autoencoder_parameters()),
             "params_method": count(self.quantizer.method_parameters()),
             "params_total": count(self.model.parameters()),
@@ -442,7 +492,8 @@ class Trainer:
             "cost": cost,
             "null_reasons": null_reasons,
             "curves": self.curves,
-            "env": {**environment(self.device), "codebook_size": self.quantizer.codebook_size,
+            "env": {**environment(self.device), "world_size": self.world, "backend": distributed.backend(),
+                    "codebook_size": self.quantizer.codebook_size,
                     "method_version": method_version(spec.method),
                     "export": self.quantizer.export_note(), "model_note": self.model.record_note(),
                     **({"data": json.loads(json.dumps(self.data.info, default=str))}

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from vector_quantize_pytorch.vector_quantize_pytorch import kmeans
 
+from methods import collective
 from methods.base import Quantizer, QuantizerOutput, to_rows
 from methods.registry import MethodError, register
 from methods.ste import straight_through_vq
@@ -111,7 +112,10 @@ class ClusteredVQ(Quantizer):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if self.training:
-            self.kmeans_init_(to_rows(z.detach().float()))
+            # under data parallelism both interventions see the global batch's rows (gathered, in the one-process
+            # order) and draw from the global RNG, identical on every rank: every rank makes the same change
+            rows = collective.all_gather_rows(to_rows(z.detach().float()))  # (global N, D)
+            self.kmeans_init_(rows)
         quantized, indices, aux, err = straight_through_vq(
             z, self.codebook.weight, self.codebook_weight, self.commitment_weight
         )
@@ -119,7 +123,7 @@ class ClusteredVQ(Quantizer):
         if self.training:
             # after the search and losses: the in-place change reaches the next batch, and autograd saved only
             # indices of the codebook, not its values
-            moved = self.reanchor_(to_rows(z.detach().float()), indices.reshape(-1))
+            moved = self.reanchor_(rows, collective.all_gather_rows(indices.reshape(-1)))
             diagnostics["reanchored_codes"] = moved
         return QuantizerOutput(quantized, indices, aux, err, diagnostics)
 

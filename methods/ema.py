@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from vector_quantize_pytorch import VectorQuantize
 
+from methods import collective
 from methods.base import Quantizer, QuantizerOutput
 from methods.registry import register
 
@@ -21,7 +22,11 @@ class LibraryVQ(Quantizer):
     def __init__(self, dim: int, codebook_size: int, **vq_arguments):
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
-        self.vq = VectorQuantize(dim=dim, codebook_size=codebook_size, accept_image_fmap=True, **vq_arguments)
+        # the EMA statistics (cluster sizes, sums) summed over the ranks exactly when there are several: set
+        # explicitly, never the library's auto-detection. Learnable codebooks (rotation) take no in-place
+        # optimizer here, so the library never all-reduces their gradients: the harness's average is the only one.
+        self.vq = VectorQuantize(dim=dim, codebook_size=codebook_size, accept_image_fmap=True,
+                                 sync_codebook=collective.distributed(), **vq_arguments)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         with torch.autocast(z.device.type, enabled=False):

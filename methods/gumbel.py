@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from methods import collective
 from methods.base import Quantizer, QuantizerOutput, StepResult, TrainContext, standard_step
 from methods.registry import MethodError, register
 
@@ -48,8 +49,19 @@ def annealed_temperature(step: int, total_steps: int, tau_start: float, tau_end:
 def gumbel_noise(like: Tensor) -> Tensor:
     """Standard Gumbel samples shaped like `like`, from the global RNG: -log(-log U), U uniform. (torch's
     F.gumbel_softmax takes -log of exponential_ draws instead, which costs 5x as much on a CPU.) U is kept off 0,
-    where the sample would be -inf."""
-    uniform = torch.rand_like(like).clamp_(min=torch.finfo(like.dtype).tiny)
+    where the sample would be -inf.
+
+    Under data parallelism `like` holds this rank's rows of the global batch (equal contiguous slices): every
+    rank draws the uniforms of the WHOLE global batch from its global RNG (identical on every rank: same seed,
+    same draws) and keeps its own rows, so row i's noise is that of the one-process run at any world size."""
+    world = collective.world_size()
+    if world > 1:
+        n = like.shape[0]
+        start = collective.rank() * n
+        uniform = torch.rand((n * world, *like.shape[1:]), dtype=like.dtype, device=like.device)[start:start + n]
+        uniform = uniform.clamp_(min=torch.finfo(like.dtype).tiny)
+    else:
+        uniform = torch.rand_like(like).clamp_(min=torch.finfo(like.dtype).tiny)
     return uniform.log_().neg_().log_().neg_()
 
 

@@ -40,16 +40,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from methods import collective
 from methods.base import Quantizer, QuantizerOutput, from_rows, to_rows
 from methods.registry import register
 
 
 def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """logits (N, K) -> (mean per-sample entropy of softmax(logits / T), entropy of the mean distribution)."""
+    """logits (N, K) -> (mean per-sample entropy of softmax(logits / T), entropy of the mean distribution).
+    Under data parallelism the mean distribution is the global batch's (averaged over the ranks' equal slices,
+    with autograd), as one process computes it."""
     log_p = (logits / temperature).log_softmax(dim=1)  # (N, K)
     p = log_p.exp()
     sample_entropy = -(p * log_p).sum(1).mean()
-    mean_p = p.mean(0)  # (K,)
+    mean_p = collective.differentiable_mean(p.mean(0))  # (K,), the global batch's
     batch_entropy = -(mean_p * (mean_p + 1e-5).log()).sum()
     return sample_entropy, batch_entropy
 

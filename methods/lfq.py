@@ -16,8 +16,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from vector_quantize_pytorch import LFQ
+from vector_quantize_pytorch import lookup_free_quantization as _lfq_module
 
+from methods import collective
 from methods.base import Quantizer, QuantizerOutput
+
+# Data parallelism: the library's batch ("codebook") entropy is meant to use the mean distribution over all
+# ranks, but its maybe_distributed_mean (vector-quantize-pytorch 1.32) discards the result of the out-of-place
+# torch.distributed.nn all_reduce and returns the rank's own mean divided by the world size (a 2-rank run saw a
+# batch entropy of 1.68 where one process has 3.42). Its LFQ (used by `lfq` and `bsq`) looks the function up in
+# its module at each call: replaced by the correct differentiable mean over the ranks (a no-op in one process).
+_lfq_module.maybe_distributed_mean = collective.differentiable_mean
 from methods.registry import MethodError, register
 
 

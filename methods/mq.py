@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from methods import collective
 from methods.base import (
     Quantizer, QuantizerOutput, StepResult, TrainContext, nearest_code, standard_step, to_rows,
 )
@@ -238,9 +239,18 @@ class MetaQuantizer(Quantizer):
     # --- training: setup and state ----------------------------------------------------------------------------
 
     def setup_training(self, total_steps: int) -> None:
+        if self.outer_micro_batch is not None and collective.distributed():
+            # a micro-batch is m rows of the GLOBAL drawn batch (and the last m of the step's): each rank holds a
+            # contiguous slice, so its own m-row pieces would be other images; not implemented, so refused
+            raise MethodError(f"option outer_micro_batch={self.outer_micro_batch} is not supported with "
+                              f"{collective.world_size()} data-parallel ranks yet; run it in one process, or without "
+                              f"the option (remove outer_micro_batch from the method's options)")
         self.total_steps = total_steps
         self.outer_optimizer = torch.optim.SGD(self.method_parameters(), lr=self.outer_lr,
                                                momentum=self.outer_momentum)
+        # data parallelism: the accumulated outer gradient (direct + darts/jvp term, each a mean over the rank's
+        # slice) is averaged over the ranks before each step, so phi's update and its momentum are one process's
+        collective.average_gradients_before_step(self.outer_optimizer)
         self.outer_steps, self.accum_count, self.accum_grads = 0, 0, None
 
     def training_state(self) -> dict:
@@ -328,6 +338,8 @@ class MetaQuantizer(Quantizer):
             grads = torch.autograd.grad(loss, [*theta, *phi], allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip([*theta, *phi], grads)]
             v, direct = grads[: len(theta)], grads[len(theta):]
+            # v = grad_theta L_outer over the GLOBAL outer batch, before eps = fd_radius / |v| is taken from it
+            collective.all_reduce_mean_list_(v)
         with record_function("mq/hypergrad"):
             term = (self.darts_term if self.hypergrad == "darts" else self.jvp_term)(ctx, inner_images, v)
         return [d + t for d, t in zip(direct, term)]

@@ -35,7 +35,7 @@ from bench.models import VQModel
 from bench.models.init import initialize
 from bench.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from bench.models.perceptual import LPIPS
-from methods import Quantizer, QuantizerOutput
+from methods import Quantizer, QuantizerOutput, collective
 from methods.schedules import warmup_cosine
 
 @dataclass
@@ -192,6 +192,8 @@ def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
         return nll.new_zeros(()).float()
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    # data parallelism: the norms of the global batch's gradients (each rank's loss is a mean over its slice)
+    collective.all_reduce_mean_list_([nll_grad, g_grad])
     weight = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
     return weight.clamp(0.0, 1e4).detach()
 
@@ -256,6 +258,7 @@ class VQGANModel(VQModel):
         if self.discriminator is not None:
             self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr,
                                                     betas=self.disc_betas, weight_decay=0.0)
+            collective.average_gradients_before_step(self.disc_optimizer)  # data parallelism: the global mean
 
     def before_step(self, step: int) -> None:
         self.step = step
