@@ -17,7 +17,7 @@ def test_list_shows_every_method_with_its_options_and_every_preset_with_its_desc
             assert f"{option}={default!r}" in lines[method]
     for preset in list_presets():
         assert preset_values(preset)["description"].split(". ")[0] in lines[preset]
-    assert "perceptual_weight=1.0" in lines["vqgan"] and "(no options)" in lines["vqvae"]
+    assert "perceptual_weight=1.0" in lines["vqgan"] and "init='default'" in lines["vqvae"]
 
 
 def test_describe_a_preset_prints_the_resolved_runs(capsys):
