@@ -85,11 +85,14 @@ def reference_method() -> str | None:
 
 
 def palette_slots(extra: typing.Iterable[str] = ()) -> dict[str, int]:
-    """A palette position for every registered method and every name in `extra`, distinct by construction:
-    claimed slots first, then the remaining names in sorted order over the free slots. Cycles only past 60."""
+    """A palette position for every registered method and every name in `extra` (a record of a method no longer
+    registered), distinct by construction: claimed slots first, then the other registered methods by name over
+    the free slots, then the extra names by name. A registered method's slot never depends on `extra`. Cycles
+    only past 60 names."""
     slots = {e.name: e.palette_slot for e in _REGISTRY.values() if e.palette_slot is not None}
     free = [s for s in range(PALETTE_SIZE) if s not in slots.values()]
-    for i, name in enumerate(sorted((set(_REGISTRY) | set(extra)) - set(slots))):
+    unclaimed = sorted(set(_REGISTRY) - set(slots)) + sorted(set(extra) - set(_REGISTRY))
+    for i, name in enumerate(unclaimed):
         slots[name] = free[i % len(free)]
     return slots
 

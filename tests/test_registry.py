@@ -54,7 +54,8 @@ def test_a_method_module_dropped_into_methods_appears_in_list_runs_report_and_fi
 
     listed = in_copy(copy, "-m", "bench.run", "--list")
     assert listed.returncode == 0, listed.stderr
-    assert "mine" in listed.stdout.split("methods:")[1].splitlines()[0]
+    assert any(line.split()[:1] == ["mine"] for line in listed.stdout.splitlines())  # its own line, with its options
+    assert "commitment_weight=0.25" in next(line for line in listed.stdout.splitlines() if line.split()[:1] == ["mine"])
 
     run = in_copy(copy, "-m", "bench.run", "--methods", "mine,ste", "--steps", "3", *TINY, "--quiet",
                   "--out", str(tmp_path / "results"), "--scratch", str(tmp_path / "runs"))
@@ -79,6 +80,9 @@ def test_a_method_module_dropped_into_methods_appears_in_list_runs_report_and_fi
 def test_palette_slots_are_distinct_and_a_claimed_slot_cannot_be_claimed_twice():
     slots = palette_slots(["unregistered-a", "unregistered-b"])
     assert len(set(slots.values())) == len(slots)
+    registered = palette_slots()
+    assert {m: slots[m] for m in registered} == registered  # extra names never move a registered method's colour
+    assert palette_slots(["aaa"])["aaa"] not in registered.values()  # sorted before every name, still no clash
     assert all(0 <= s < PALETTE_SIZE for s in slots.values())
     with pytest.raises(RuntimeError, match="already 'ste'"):
         register("another", palette_slot=slots["ste"])(lambda dim, codebook_size: None)

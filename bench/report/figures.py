@@ -96,7 +96,8 @@ def _title(runs: pd.DataFrame) -> str:
 def _colours(runs: pd.DataFrame) -> dict[str, str]:
     """label -> colour of its base method."""
     firsts = runs.drop_duplicates("method").set_index("method")["base_method"]
-    return {label: method_colour(base) for label, base in firsts.items()}
+    slots = palette_slots(firsts.unique())  # one call: methods no longer registered get distinct slots too
+    return {label: matplotlib.colors.to_hex(PALETTE[slots[base]]) for label, base in firsts.items()}
 
 
 def _labels(runs: pd.DataFrame) -> list[str]:
