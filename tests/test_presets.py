@@ -1,7 +1,7 @@
 """The MQ presets against the authors' setting, and the options that make it reachable.
 
 The table AUTHORS below is written from the authors' public code (t2ance/MQVAE c717b55, on Betty 0.2.1; the
-facts as /work/shared/MQ-AUTHORS.md collects them), in their own units: images per micro-step, gradient
+facts as the team's shared notes, MQ-AUTHORS.md, collect them), in their own units: images per micro-step, gradient
 accumulation, micro-steps. A preset is checked through what a run of it actually gets (bench.run's grid, with
 every default filled in), so neither a preset edit nor a changed default can drift away from it unnoticed.
 """
