@@ -46,3 +46,29 @@ def test_the_command_prints_one_row_per_method_and_adds_the_reference(one_thread
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["ste", "fsq"]
+
+
+def test_ranks_ratio_is_the_median_of_per_round_ratios():
+    from bench.perf import summarize_ranks
+
+    # round 2 is a slow spell for the one-process variant only: per-round ratios 1.1, 0.5, 1.2 -> 1.1
+    times = {"ema": {"one-process": [1.0, 4.0, 1.0], "ranks": [1.1, 2.0, 1.2]}}
+    row = summarize_ranks(times, 2).set_index("method").loc["ema"]
+    assert row["ranks_vs_one_process"] == pytest.approx(1.1)
+    assert row["one_process_ms"] == pytest.approx(1000.0) and row["ranks_2_ms"] == pytest.approx(1200.0)
+
+
+def test_ranks_times_two_gloo_ranks_against_one_process_side_by_side(capsys):
+    """`--ranks 2`: two spawned ranks in one process group and this process, one row per method."""
+    assert main(["--ranks", "2", "--methods", "ste", "--steps", "1", "--rounds", "2", "--warmup", "1",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks (gloo) x 1 thread(s) with 4 rows each, against one process with 2 threads" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| ste")]
+    one_process, ranks, ratio = (float(cell) for cell in row.split("|")[2:5])
+    assert one_process > 0 and ranks > 0 and ratio > 0
+
+
+def test_ranks_refuses_a_global_batch_that_does_not_split(capsys):
+    assert main(["--ranks", "2", "--methods", "ste", "--batch-size", "9", "--device", "cpu"]) == 2
+    assert "--batch-size 9 (the global batch) does not split into 2 equal rank slices" in capsys.readouterr().err
