@@ -12,7 +12,8 @@ import pkgutil
 
 from methods.base import QuantizerOutput, Quantizer, StepResult, TrainContext, standard_step
 from methods.registry import (MethodError, check_option_names, create_method, list_methods, method_entry, method_option_types,
-                              method_options, method_version, palette_slots, reference_method, register)
+                              method_options, method_version, palette_slots, reference_method, register,
+                              search_space)
 
 _CONTRACT = {"base", "registry"}
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _CONTRACT):
@@ -23,5 +24,5 @@ for _entry in importlib.metadata.entry_points(group="vq_bench.methods"):
 __all__ = [
     "Quantizer", "QuantizerOutput", "StepResult", "TrainContext", "standard_step",
     "MethodError", "check_option_names", "create_method", "list_methods", "method_entry", "method_option_types", "method_options",
-    "method_version", "palette_slots", "reference_method", "register",
+    "method_version", "palette_slots", "reference_method", "register", "search_space",
 ]

@@ -27,7 +27,8 @@ from methods.registry import register
 from methods.ste import straight_through_vq
 
 
-@register("affine", palette_slot=11)
+@register("affine", palette_slot=11,
+          search_space={"lr_multiplier": (1.0, 10.0, 100.0), "commitment_weight": (0.1, 0.25, 1.0)})
 class AffineVQ(Quantizer):
     def __init__(
         self,

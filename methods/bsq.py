@@ -42,7 +42,8 @@ from methods.lfq import LookupFreeQuantizer, bits_for
 from methods.registry import register
 
 
-@register("bsq", palette_slot=14)
+@register("bsq", palette_slot=14,
+          search_space={"entropy_weight": (0.01, 0.1, 0.5), "inv_temperature": (0.5, 1.0, 2.0)})
 class BinarySphericalQuantizer(LookupFreeQuantizer):
     spherical = True
 

@@ -21,7 +21,7 @@ from methods.ema import PLAIN_EMA_VQ, LibraryVQ
 from methods.registry import register
 
 
-@register("cosine", palette_slot=5)
+@register("cosine", palette_slot=5, search_space={"decay": (0.9, 0.99, 0.999), "commitment_weight": (0.1, 0.25, 1.0)})
 class CosineVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment_weight: float = 0.25):
         super().__init__(dim, codebook_size, **{**PLAIN_EMA_VQ, "decay": decay, "commitment_weight": commitment_weight,

@@ -37,7 +37,8 @@ from methods.ste import straight_through_vq
 ANCHORS = ("closest", "random")
 
 
-@register("cvq", palette_slot=12)
+@register("cvq", palette_slot=12,
+          search_space={"usage_decay": (0.9, 0.99, 0.999), "commitment_weight": (0.1, 0.25, 1.0)})
 class ClusteredVQ(Quantizer):
     def __init__(
         self,

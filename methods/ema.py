@@ -68,7 +68,7 @@ PLAIN_EMA_VQ = dict(
 )
 
 
-@register("ema", palette_slot=2)
+@register("ema", palette_slot=2, search_space={"decay": (0.9, 0.99, 0.999), "commitment_weight": (0.1, 0.25, 1.0)})
 class EMAVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment_weight: float = 0.25):
         super().__init__(dim, codebook_size, **{**PLAIN_EMA_VQ, "decay": decay, "commitment_weight": commitment_weight})

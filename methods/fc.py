@@ -26,7 +26,7 @@ from methods.base import Quantizer, QuantizerOutput, from_rows, to_rows
 from methods.registry import MethodError, register
 
 
-@register("fc", palette_slot=13)
+@register("fc", palette_slot=13, search_space={"code_dim": (4, 8, 16), "commitment_weight": (0.1, 0.25, 1.0)})
 class FactorizedVQ(Quantizer):
     def __init__(
         self,

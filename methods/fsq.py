@@ -66,7 +66,7 @@ def resolve_levels(codebook_size: int, levels) -> tuple[int, ...]:
     return levels
 
 
-@register("fsq", palette_slot=8)
+@register("fsq", palette_slot=8, search_space={"levels": ((8, 8, 8), (4, 4, 4, 8), (16, 8, 4))})
 class FiniteScalarQuantizer(Quantizer):
     def __init__(self, dim: int, codebook_size: int, levels: tuple[int, ...] | None = None):
         super().__init__()

@@ -65,7 +65,7 @@ def gumbel_noise(like: Tensor) -> Tensor:
     return uniform.log_().neg_().log_().neg_()
 
 
-@register("gumbel", palette_slot=4)
+@register("gumbel", palette_slot=4, search_space={"kl_weight": (5e-5, 5e-4, 5e-3), "tau_end": (0.0625, 0.25, 0.5)})
 class GumbelVQ(Quantizer):
     def __init__(
         self,

@@ -57,7 +57,8 @@ def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     return sample_entropy, batch_entropy
 
 
-@register("ibq", palette_slot=15)
+@register("ibq", palette_slot=15,
+          search_space={"entropy_weight": (0.01, 0.05, 0.2), "codebook_weight": (0.1, 0.25, 1.0)})
 class IndexBackpropagationVQ(Quantizer):
     def __init__(
         self,

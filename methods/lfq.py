@@ -41,7 +41,8 @@ def bits_for(codebook_size: int, method: str = "lfq") -> int:
     return codebook_size.bit_length() - 1
 
 
-@register("lfq", palette_slot=9)
+@register("lfq", palette_slot=9,
+          search_space={"entropy_loss_weight": (0.01, 0.1, 0.5), "commitment_loss_weight": (0.1, 0.25, 1.0)})
 class LookupFreeQuantizer(Quantizer):
     spherical = False  # bsq: codes and inputs on the unit sphere
 

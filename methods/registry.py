@@ -9,6 +9,9 @@ Everything the harness shows about a method comes from here too: `palette_slot` 
 figure (two methods claiming one slot is an error at import time; a method that claims none gets a free slot,
 see `palette_slots`), `reference=True` marks the one method that comparisons are quoted against by default, and
 `version` (1 unless raised) enters the run id, so a change to a method's definition never reuses old records.
+`search_space` lists a few candidate values of the method's own defining knobs (commitment weight, EMA decay,
+entropy weight, MQ's outer learning rate and rate, ...): a tuning study (bench/study.py) gives every method the
+same number of trials drawn from its space crossed with the autoencoder's learning rate.
 
 Each adapter spells out its own options in its own signature, even where several methods share the same loss
 weights (ste, simvq, affine, cvq, ...): the signature is the option table, so those few repeated lines are
@@ -41,12 +44,14 @@ class MethodEntry:
     reference: bool  # the default reference of paired comparisons and speed ratios
     module: str
     version: int  # raised when the method's definition changes, so records of the old definition are not reused
+    search_space: dict  # option -> candidate values, for equal-budget tuning studies (bench/study.py)
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
 
 
-def register(name: str, *, palette_slot: int | None = None, reference: bool = False, version: int = 1):
+def register(name: str, *, palette_slot: int | None = None, reference: bool = False, version: int = 1,
+             search_space: dict | None = None):
     def add(factory: Callable[..., Quantizer]) -> Callable[..., Quantizer]:
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice ({_REGISTRY[name].module} and {factory.__module__})")
@@ -58,7 +63,15 @@ def register(name: str, *, palette_slot: int | None = None, reference: bool = Fa
                 raise RuntimeError(f"method {name!r}: palette slot {palette_slot} is already {taken[0]!r}'s")
         if reference and reference_method() is not None:
             raise RuntimeError(f"method {name!r}: {reference_method()!r} is already the reference method")
-        _REGISTRY[name] = MethodEntry(name, factory, palette_slot, reference, factory.__module__, version)
+        space = {key: tuple(values) for key, values in (search_space or {}).items()}
+        options = {p.name for p in inspect.signature(factory).parameters.values()} - {"self", "dim", "codebook_size"}
+        for key, values in space.items():
+            if key not in options:
+                raise RuntimeError(f"method {name!r}: search_space names {key!r}, which is not one of its options "
+                                   f"({', '.join(sorted(options))})")
+            if len(values) < 2:
+                raise RuntimeError(f"method {name!r}: search_space[{key!r}] needs at least two candidate values")
+        _REGISTRY[name] = MethodEntry(name, factory, palette_slot, reference, factory.__module__, version, space)
         return factory
 
     return add
@@ -77,6 +90,11 @@ def method_entry(name: str) -> MethodEntry:
 def method_version(name: str) -> int:
     """The method's definition version (1 for a name no registration knows: a record of a removed method)."""
     return _REGISTRY[name].version if name in _REGISTRY else 1
+
+
+def search_space(name: str) -> dict[str, tuple]:
+    """The candidate values of the method's own defining knobs, declared beside its registration ({} if none)."""
+    return dict(method_entry(name).search_space)
 
 
 def reference_method() -> str | None:

@@ -24,7 +24,8 @@ from methods.ema import PLAIN_EMA_VQ, LibraryVQ
 from methods.registry import register
 
 
-@register("rotation", palette_slot=3)
+@register("rotation", palette_slot=3,
+          search_space={"commitment_weight": (0.1, 0.25, 1.0), "codebook_weight": (0.5, 1.0, 2.0)})
 class RotationVQ(LibraryVQ):
     def __init__(self, dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
         super().__init__(dim, codebook_size, **{

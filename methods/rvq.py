@@ -38,7 +38,7 @@ from methods.ema import PLAIN_EMA_VQ
 from methods.registry import MethodError, register
 
 
-@register("rvq", palette_slot=16)
+@register("rvq", palette_slot=16, search_space={"decay": (0.9, 0.99, 0.999), "commitment_weight": (0.1, 0.25, 1.0)})
 class ResidualVQAdapter(Quantizer):
     def __init__(self, dim: int, codebook_size: int, depth: int = 4, decay: float = 0.99,
                  commitment_weight: float = 0.25):

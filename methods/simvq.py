@@ -24,7 +24,8 @@ def _keep(codebook: Tensor) -> Tensor:
     return codebook
 
 
-@register("simvq", palette_slot=10)
+@register("simvq", palette_slot=10,
+          search_space={"commitment_weight": (0.1, 0.25, 1.0), "codebook_weight": (0.5, 1.0, 2.0)})
 class SimVQAdapter(Quantizer):
     def __init__(
         self,

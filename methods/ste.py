@@ -85,11 +85,13 @@ class StraightThroughVQ(Quantizer):
         return self.codebook.weight.detach().clone()
 
 
-@register("ste", palette_slot=0, reference=True)
+@register("ste", palette_slot=0, reference=True,
+          search_space={"commitment_weight": (0.1, 0.25, 1.0), "codebook_weight": (0.5, 1.0, 2.0)})
 def ste(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
     return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=False)
 
 
-@register("ste-ln", palette_slot=1, version=2)  # 2: the authors' pre-search map
+@register("ste-ln", palette_slot=1, version=2,
+          search_space={"commitment_weight": (0.1, 0.25, 1.0), "codebook_weight": (0.5, 1.0, 2.0)})  # 2: the authors' pre-search map
 def ste_ln(dim: int, codebook_size: int, codebook_weight: float = 1.0, commitment_weight: float = 0.25):
     return StraightThroughVQ(dim, codebook_size, codebook_weight, commitment_weight, layernorm=True)
