@@ -62,8 +62,8 @@ class ResidualVQAdapter(Quantizer):
             beam_size=None,
             eval_beam_size=None,
             quant_grad_frac=0.0,  # each level's code is detached from the next residual (see the docstring)
-            return_zeros_for_masked_padding=True,
-            sync_codebook=collective.distributed(),  # every level's EMA statistics summed over the ranks  # only used with a mask, which the adapter never passes
+            return_zeros_for_masked_padding=True,  # only used with a mask, which the adapter never passes
+            sync_codebook=collective.distributed(),  # every level's EMA statistics summed over the ranks
             **{**PLAIN_EMA_VQ, "decay": decay, "commitment_weight": commitment_weight},  # per level, EMA, no k-means
         )
 

@@ -30,6 +30,7 @@ METHODS = "tests/test_definitions_methods.py"
 METRICS = "tests/test_definitions_metrics.py"
 SCHEDULES = "tests/test_schedules.py"
 STREAMS_RECORDS = "tests/test_definitions_streams_records.py"
+NEW_METHODS = "tests/test_new_methods.py"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,21 @@ MUTANTS = [
     Mutant("ema-flags-rotation-trick", "methods/ema.py",
            "    rotation_trick=False,\n", "    rotation_trick=True,\n", (METHODS, "-k", "ema or library")),
     # --- methods ----------------------------------------------------------------------------------------------------
+    Mutant("fc-search-not-normalized", "methods/fc.py", "x = F.normalize(work, dim=1)  # (N, d)",
+           "x = work  # (N, d)", (NEW_METHODS, "-k", "fc")),
+    Mutant("fc-weights-swapped", "methods/fc.py",
+           "aux = self.codebook_weight * codebook_loss + self.commitment_weight * commitment_loss",
+           "aux = self.commitment_weight * codebook_loss + self.codebook_weight * commitment_loss",
+           (NEW_METHODS, "-k", "fc")),
+    Mutant("ibq-plain-straight-through", "methods/ibq.py",
+           "straight_through = chosen + (soft - soft.detach()) @ codebook  # (N, D)",
+           "straight_through = rows + (chosen - rows).detach()  # (N, D)", (NEW_METHODS, "-k", "ibq")),
+    Mutant("ibq-batch-entropy-sign", "methods/ibq.py", "- self.batch_entropy_weight * batch_entropy)",
+           "+ self.batch_entropy_weight * batch_entropy)", (NEW_METHODS, "-k", "ibq")),
+    Mutant("bsq-commitment-per-channel", "methods/bsq.py", "commitment_weight * self.bits, diversity_gamma",
+           "commitment_weight, diversity_gamma", (NEW_METHODS, "-k", "bsq")),
+    Mutant("rvq-shared-codebook", "methods/rvq.py", "shared_codebook=False,", "shared_codebook=True,",
+           (NEW_METHODS, "-k", "rvq")),
     Mutant("ema-library-default-decay", "methods/ema.py", "    decay=0.99,\n", "    decay=0.8,\n",
            (METHODS, "-k", "ema or library")),
     Mutant("ema-commitment-default", "methods/ema.py",

@@ -26,36 +26,13 @@ from bench.spec import RunSpec
 from methods import create_method, method_options
 from methods.ema import PLAIN_EMA_VQ
 from tests.conftest import TINY
+from tests.formulas import D, K, feature_map, gen, map_of, nearest, rows_of
 
-D, K = 8, 16
 
 # The methods whose defining update this file tests (read by test_definitions_methods.py's completeness check).
 DEFINED = {"fc", "bsq", "ibq", "rvq"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def feature_map(seed=0, b=2, h=4, w=4, dim=D, dtype=torch.float64, scale=1.0):
-    return (torch.randn(b, dim, h, w, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
-
-
-def rows_of(x):
-    """(B, C, H, W) -> (B*H*W, C), positions in row-major (b, h, w) order."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-def map_of(rows, like):
-    b, _, h, w = like.shape
-    return rows.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-
-
-def nearest(rows, codebook):
-    """Nearest code by the full squared Euclidean distance, by broadcasting: (N, C), (K, C) -> (N,)."""
-    return ((rows[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
 
 
 def unit(x):
