@@ -5,7 +5,9 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a submi
 above 1 the first Trainer of the process joins the group: gloo on the CPU, nccl on GPUs (device
 cuda:LOCAL_RANK), with a bounded collective timeout (VQB_COLLECTIVE_TIMEOUT_S, default 1800 s), so a rank that
 died or hangs makes the others fail within it instead of waiting forever. Rank 0 alone prints, tracks, writes
-checkpoints, samples and records; every rank trains on its contiguous slice of the global batch.
+checkpoints, samples and records; every rank trains on its contiguous slice of the global batch, and measures
+its contiguous slice of the validation and test splits (bench.metrics.evaluate_split, sharded), whose sums and
+histograms are all-reduced and whose test reconstructions are gathered to rank 0 for rFID, KID and LPIPS.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Reconstruction and codebook metrics come from one pass over the test split (bench.metrics); rFID and KID
 compare the reconstructions with the test images through the standard FID Inception (bench.fid); LPIPS needs
 ImageNet VGG16 weights; gFID trains the stage-2 prior (bench.prior), samples it and compares the samples with
-the training split.
+the training split. Under several ranks the pass is sharded (each rank its slice of the test split, the sums
+reduced and the reconstructions gathered to rank 0); rFID, KID, LPIPS and gFID then run on rank 0.
 
 It says what it is doing, one line per stage ("evaluating: test split 961 images", "FID reference (once): ..."),
 with a progress bar over the images of each pass (off with --quiet). The Inception network comes from
@@ -21,6 +22,7 @@ from bench.fid import fid_metrics, lpips_metric, reference_cache_path
 from bench.inception import FidExtractor, default_cache_dir, find_inception_weights, load_extractor
 from bench.metrics import PROTOCOL_METRICS, evaluate_split, is_finite
 from bench.prior import prior_config, run_stage2
+from methods import collective
 
 
 def whole_split(split) -> Tensor:
@@ -52,17 +54,25 @@ def counting(module: torch.nn.Module, total: int, what: str, progress: bool):
 
 
 def say(text: str) -> None:
-    print(text, flush=True)
+    if collective.rank() == 0:
+        print(text, flush=True)
 
 
-def evaluate_test(model, data, spec, autocast, progress: bool = True) -> tuple[dict, dict, dict]:
-    """-> (metrics, null_reasons, info). Every protocol metric is a key of metrics; each None has a reason."""
+def evaluate_test(model, data, spec, autocast, progress: bool = True) -> tuple[dict, dict, dict] | None:
+    """-> (metrics, null_reasons, info). Every protocol metric is a key of metrics; each None has a reason.
+
+    Under several ranks every rank calls it: each reconstructs and measures its slice of the test split
+    (evaluate_split, sharded), rank 0 receives the whole split's reconstructions and alone goes on (rFID, KID,
+    LPIPS, gFID); the other ranks return None once their slice is done."""
     device = next(model.parameters()).device
     say(f"evaluating: test split {len(data.test)} images (reconstruction, codebook, SSIM"
-        f"{', rFID, KID' if spec.fid else ''}{', gFID' if spec.gfid else ''})")
-    with counting(model, len(data.test), "test split", progress):
+        f"{', rFID, KID' if spec.fid else ''}{', gFID' if spec.gfid else ''})"
+        f"{f', {collective.world_size()} ranks' if collective.distributed() else ''}")
+    with counting(model, len(collective.shard(len(data.test))), "test split", progress):  # this rank's images
         result = evaluate_split(model, data.test, model.quantizer.codebook_size, spec.eval_batch_size, autocast,
-                                keep_reconstructions=True, ssim=True)
+                                keep_reconstructions=True, ssim=True, sharded=True)
+    if collective.rank() != 0:
+        return None
     metrics = {name: None for name in PROTOCOL_METRICS}
     metrics.update(result.metrics)
     null_reasons: dict[str, str] = {}
@@ -121,8 +131,9 @@ def gfid_stage(model, data, spec, autocast, device, extractor, progress, metrics
     config = prior_config(spec)
     say(f"stage-2 prior: code grids of {len(data.train)} training images, {config.steps} steps, "
         f"{config.samples} samples")
-    samples, prior_info = run_stage2(model, data, model.quantizer.codebook_size, config, device, autocast,
-                                     spec.eval_batch_size)
+    with collective.rank_local():  # rank 0 alone, the others at a barrier: no collective in a method's forward
+        samples, prior_info = run_stage2(model, data, model.quantizer.codebook_size, config, device, autocast,
+                                         spec.eval_batch_size)
     metrics["prior_bits_per_code"] = prior_info["prior_bits_per_code"]
     info["prior"] = {k: v for k, v in prior_info.items() if k != "null_reason"}
     if samples is None:

@@ -76,11 +76,23 @@ def evaluate_split(
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     keep_reconstructions: bool = False,
     ssim: bool = False,
+    sharded: bool = False,
 ) -> SplitEvaluation:
-    """Reconstruct every image of a uint8 split (N, 3, H, W) and measure it. The model is left as it was."""
+    """Reconstruct every image of a uint8 split (N, 3, H, W) and measure it. The model is left as it was.
+
+    sharded, under several ranks (in one process it changes nothing): every rank calls it on the same split and
+    reconstructs only its contiguous slice (methods.collective.shard; uneven slices when N does not divide);
+    the error sums, the SSIM state and the code histogram are all-reduced, so every rank returns the whole
+    split's metrics (one process's, up to summation order), and the kept reconstructions are gathered to rank 0
+    in split order (None on the other ranks).
+    """
+    from methods import collective  # imported here: importing bench.metrics alone loads no method
+
     was_training = model.training
     model.eval()
     device = images.device
+    several = sharded and collective.distributed()
+    rows = collective.shard(len(images)) if several else range(len(images))
     histogram = None  # (K,) or (D, K), shaped by the first batch's indices
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
     psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -90,11 +102,12 @@ def evaluate_split(
     if ssim:
         from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-        # the split is this process's whole to evaluate: no gather from other ranks at compute()
+        # never torchmetrics' own gather at compute(): sharded slices are summed below with the other sums
         ssim_metric = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        with autocast():
+    own_rank_only = collective.rank_local if several else contextlib.nullcontext  # no collective in a forward
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = images[start:min(start + batch_size, rows.stop)]
+        with autocast(), own_rank_only():
             recon, out = model(model.preprocess(batch))
         fake = model.postprocess(recon)  # float32 in [0, 1]
         real = batch.float() / 255.0
@@ -109,8 +122,17 @@ def evaluate_split(
         if keep_reconstructions:
             reconstructions.append(to_uint8(fake).cpu())
     model.train(was_training)
-    if histogram is None:  # an empty split
-        histogram = torch.zeros(codebook_size, dtype=torch.int64, device=device)
+    if histogram is None:  # an empty split (or an empty slice of one)
+        depth = getattr(getattr(model, "quantizer", None), "code_depth", 1)
+        shape = (codebook_size,) if depth == 1 else (depth, codebook_size)
+        histogram = torch.zeros(shape, dtype=torch.int64, device=device)
+    if several:  # the ranks' slices -> the whole split: two all-reduces, no host sync
+        sums = [squared_error, psnr_sum, quant_error]
+        if ssim_metric is not None:
+            sums += [ssim_metric.similarity.double(), ssim_metric.total.double()]
+        sums = collective.all_reduce_sum_(torch.stack(sums))
+        squared_error, psnr_sum, quant_error = sums[0], sums[1], sums[2]
+        histogram = collective.all_reduce_sum_(histogram.contiguous())
     n = len(images)
     metrics = {
         "mse": float(squared_error) / n,
@@ -118,11 +140,15 @@ def evaluate_split(
         "quant_error": float(quant_error) / n,
         **codebook_stats(histogram.cpu()),
     }
-    if ssim_metric is not None:
-        metrics["ssim"] = float(ssim_metric.compute())
-    return SplitEvaluation(
-        metrics, histogram.cpu(), torch.cat(reconstructions) if keep_reconstructions else None
-    )
+    if ssim_metric is not None:  # torchmetrics' mean: the summed similarities over the image count
+        metrics["ssim"] = float(sums[3] / sums[4]) if several else float(ssim_metric.compute())
+    kept = None
+    if keep_reconstructions:
+        kept = (torch.cat(reconstructions) if reconstructions
+                else torch.empty((0, *images.shape[1:]), dtype=torch.uint8))
+        if several:  # rank 0: the whole split's, in order; the other ranks: None
+            kept = collective.gather_rows_to_main(kept, collective.shard_sizes(len(images)), device)
+    return SplitEvaluation(metrics, histogram.cpu(), kept)
 
 
 def mean_batch_perplexity(indices: Tensor, codebook_size: int) -> float:

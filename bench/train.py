@@ -327,7 +327,7 @@ class Trainer:
                                                           batch_ppl, "train/lr": self.optimizer.param_groups[0]["lr"]})
                 if evaluate_now or checkpoint_now:
                     self.train_seconds += self.elapsed_since(segment_start)
-                    if evaluate_now and self.rank == 0:  # rank 0 validates the whole split; the others wait
+                    if evaluate_now:  # every rank validates its slice of the split (one process: all of it)
                         self.curves.append(self.validate())
                         self.trackers.scalars(self.step, {f"val/{k}": v for k, v in self.curves[-1].items()
                                                           if k not in ("step", "train_s")})
@@ -349,8 +349,10 @@ class Trainer:
         return time.perf_counter() - start
 
     def validate(self) -> dict:
+        """One point of the validation curve. Every rank calls it and measures its slice of the split; the sums
+        are all-reduced, so every rank gets the whole split's point (rank 0's is the one kept)."""
         result = evaluate_split(self.model, self.data.val, self.quantizer.codebook_size,
-                                self.spec.eval_batch_size, self.autocast)
+                                self.spec.eval_batch_size, self.autocast, sharded=True)
         m = result.metrics
         return {"step": self.step, "train_s": round(self.train_seconds, 3), "mse": m["mse"],
                 "perplexity": m["perplexity"], "usage": m["usage"]}
@@ -447,8 +449,11 @@ class Trainer:
             peak = collective.all_reduce_max_(box).item()
             peak = None if peak < 0 else peak
         if self.rank != 0:
-            # rank 0 evaluates the whole split (sharded evaluation is a later improvement) and writes the record;
-            # the others wait for it within the collective timeout
+            # this rank's slice of the test split, its sums reduced and its reconstructions gathered into rank 0's
+            # evaluate_test (in _finish); then rank 0 alone goes on (rFID, LPIPS, gFID, the record) and the others
+            # wait for it within the collective timeout
+            if not self.diverged:
+                evaluate_test(self.model, self.data, self.spec, self.autocast, progress=False)
             distributed.barrier()
             return self.record_path
         try:

@@ -1,10 +1,12 @@
 """Data parallelism (issue 15): a 2-rank gloo run on the CPU is the one-process run.
 
-For every registered method, 5 training steps of a tiny model on a global batch of 8 in one process and on
-2 ranks (4 rows each, through the Trainer's own process-group setup from torchrun's environment variables)
-leave the same parameters, buffers, optimizer and method state (to 1e-5 relative) and give the same code
-indices on a probe batch; and a whole 2-rank run writes a record whose metrics are the one-process record's.
-Both ranks run every method inside one spawn (imports and the group's setup are paid once).
+For every registered method, 5 training steps of a tiny model on a global batch of 8 in one process and on 2 ranks
+(4 rows each, through the Trainer's own process-group setup from torchrun's environment variables) leave the same
+parameters, buffers, optimizer and method state (to 1e-5 relative) and give the same code indices on a probe
+batch; and whole 2-rank runs (ema with rFID, rvq with its (depth, K) histogram, ibq with a collective in its
+forward) write records whose metrics, validation curve, histogram and samples are the one-process record's, while
+each rank reconstructs only its slice of the validation and test splits (odd split lengths included). Both ranks
+run everything inside one spawn (imports and the group's setup are paid once).
 """
 from __future__ import annotations
 
@@ -17,12 +19,24 @@ import sys
 import pytest
 import torch
 
+from bench.inception import random_extractor
 from methods import list_methods
 from tests.conftest import ROOT, tiny_spec
 
 METHODS = [m for m in list_methods() if not m.startswith("test-")]
 BATCH, STEPS, WORLD = 8, 5, 2
-RECORD_METHOD = "ema"
+# whole runs to a record, each validated once (at its last step) and evaluated on the test split:
+# method -> (spec overrides, validation images kept, test images kept; None: the whole split, photos' 504 and 961)
+RECORDS = {
+    # validation 504 (even), test 201 (odd: slices of 100 and 101), rFID and KID through the random Inception
+    "ema": (dict(fid=True), None, 201),
+    # (code_depth, K) histogram, validation 503 (odd), three evaluation batches per slice (64, 64, 22)
+    "rvq": (dict(eval_batch_size=64), 503, 300),
+    # a forward with a collective in training (its batch entropy), also run in eval mode: the test slices of 100
+    # and 101 take one and two batches
+    "ibq": (dict(eval_batch_size=100), None, 201),
+}
+GATHER_ROWS = 7  # the workers gather reconstructions in rounds of 7 rows: several uneven rounds per slice
 
 
 # K = 256 (FSQ's smallest listed size), except cvq: its k-means puts 256 codes on the 512 rows of the first batch,
@@ -80,19 +94,80 @@ def trained_state(method: str, folder) -> dict:
         trainer.close()
 
 
+def record_spec(method: str):
+    return spec_for(method, steps=STEPS, eval_every=STEPS, **RECORDS[method][0])
+
+
+def counting_trainer(method: str, out, scratch):
+    """A Trainer of RECORDS[method] on its trimmed splits that counts, by phase ("val", "test"), the images its
+    model reconstructs in eval mode (evaluation), and writes the counts beside the records: seen-RANK.json."""
+    from bench.datasets.common import ImageSplits
+    from bench.train import Trainer
+    from methods import collective
+
+    _, val_size, test_size = RECORDS[method]
+
+    class Counting(Trainer):
+        def setup(self):
+            super().setup()
+            d = self.data
+            self.data = ImageSplits(d.name, d.train, d.val[:val_size], d.test[:test_size], d.info)
+            self.seen, self.phase = {"val": 0, "test": 0}, None
+            self.model.register_forward_pre_hook(self.count)
+
+        def count(self, module, args):
+            if not module.training:
+                self.seen[self.phase] += len(args[0])  # phase None: an evaluation outside these two, a KeyError
+
+        def validate(self):
+            self.phase = "val"
+            try:
+                return super().validate()
+            finally:
+                self.phase = None
+
+        def finish(self):
+            self.phase = "test"
+            path = super().finish()
+            (path.parent / f"seen-{collective.rank()}.json").write_text(json.dumps(self.seen))
+            return path
+
+    return Counting(record_spec(method), out, scratch, progress=False)
+
+
+def random_inception():
+    """The FID Inception replaced by the random-weight one (bench.inception.random_extractor), as
+    tests/test_evaluation.py does: fast, and the same network in every process."""
+    import bench.evaluation
+    from bench.inception import random_extractor
+
+    bench.evaluation.fid_extractor = lambda spec, device: (random_extractor(seed=0), None)
+
+
 def worker(folder: str) -> None:
-    """One rank (its environment set by the parent): every method's state, then a whole run's record."""
+    """One rank (its environment set by the parent): every method's state, then whole runs' records, then the
+    gather of uneven slices by itself."""
     from pathlib import Path
 
-    from bench.train import Trainer
+    from methods import collective
 
     torch.set_num_threads(1)
     folder = Path(folder)
     rank = int(os.environ["RANK"])
     states = {method: trained_state(method, folder / f"rank{rank}" / method) for method in METHODS}
     torch.save(states, folder / f"states{rank}.pt")
-    Trainer(spec_for(RECORD_METHOD, steps=STEPS, eval_every=STEPS), folder / "records", folder / f"scratch{rank}",
-            progress=False)()
+    random_inception()
+    collective.GATHER_CHUNK_BYTES = GATHER_ROWS * 3 * 32 * 32  # rows of 3x32x32 uint8
+    for method in RECORDS:
+        counting_trainer(method, folder / "records" / method, folder / f"scratch{rank}")()
+    gathered = {}
+    for n in (0, 1, 5):  # slices [0, 0], [0, 1] (rank 0 empty), [2, 3]
+        rows = collective.shard(n)
+        mine = torch.arange(rows.start, rows.stop).repeat_interleave(6).view(-1, 2, 3)
+        got = collective.gather_rows_to_main(mine, collective.shard_sizes(n))
+        gathered[n] = {"sizes": collective.shard_sizes(n), "rows": [rows.start, rows.stop],
+                       "gathered": None if got is None else got.tolist()}
+    (folder / f"gathered{rank}.json").write_text(json.dumps(gathered))
 
 
 def free_port() -> int:
@@ -140,7 +215,10 @@ def two_rank_run(tmp_path_factory):
     for rank in range(WORLD):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "VQB_COLLECTIVE_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
+               # rank 0's rFID and KID, alone, took over 120 s on a loaded 2-core machine
+               "VQB_COLLECTIVE_TIMEOUT_S": "600", "OMP_NUM_THREADS": "1",
+               # FID reference features cached here; no VGG16 here, so LPIPS is null in both records
+               "VQBENCH_CACHE": str(folder / "cache"), "TORCH_HOME": str(folder / "torch")}
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outputs = []
@@ -151,8 +229,9 @@ def two_rank_run(tmp_path_factory):
             for p in procs:
                 p.kill()
             raise
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-4000:]}"
+    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
+    assert not failed, "\n".join(f"rank {rank} failed (exit {procs[rank].returncode}):\n{outputs[rank][-4000:]}"
+                                  for rank in failed)
     return folder
 
 
@@ -168,21 +247,94 @@ def test_two_ranks_train_exactly_as_one_process(method, rank_states, tmp_path, o
         assert_same(states[method], single, f"{method} rank {rank} vs one process:")
 
 
-def test_a_two_rank_record_has_the_one_process_metrics(two_rank_run, tmp_path, one_thread):
-    from bench.train import Trainer
+def sizes_of_slices(n: int) -> list[int]:
+    """The ranks' slices of n rows as sharded evaluation cuts them: contiguous, later ranks one larger."""
+    return [(r + 1) * n // WORLD - r * n // WORLD for r in range(WORLD)]
 
-    (path,) = (two_rank_run / "records").rglob("*.json")
+
+@pytest.mark.parametrize("method", RECORDS)
+def test_a_two_rank_record_has_the_one_process_metrics_each_rank_evaluating_its_slice(
+        method, two_rank_run, tmp_path, monkeypatch, one_thread):
+    import numpy as np
+
+    monkeypatch.setenv("VQBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("bench.evaluation.fid_extractor", lambda spec, device: (random_extractor(seed=0), None))
+    folder = two_rank_run / "records" / method
+    (path,) = folder.rglob(f"{method}-*.json")
     distributed = json.loads(path.read_text())
-    single_path = Trainer(spec_for(RECORD_METHOD, steps=STEPS, eval_every=STEPS), tmp_path / "records",
-                          tmp_path / "scratch", progress=False)()
+    trainer = counting_trainer(method, tmp_path / "records", tmp_path / "scratch")
+    single_path = trainer()
     single = json.loads(single_path.read_text())
     assert distributed["run_id"] == single["run_id"]  # the world size is no part of what the run is
     assert distributed["env"]["world_size"] == WORLD and distributed["env"]["backend"] == "gloo"
     assert single["env"]["world_size"] == 1 and single["env"]["backend"] is None
+
+    # each rank reconstructed its slice of each split, once; one process, all of it
+    seen_single = json.loads((single_path.parent / "seen-0.json").read_text())
+    val_size, test_size = seen_single["val"], single["env"]["test_images"]  # one validation: eval_every = steps
+    assert (val_size, test_size) == (RECORDS[method][1] or 504, RECORDS[method][2] or 961)
+    assert seen_single["test"] == test_size
+    seen = [json.loads((path.parent / f"seen-{rank}.json").read_text()) for rank in range(WORLD)]
+    assert [s["val"] for s in seen] == sizes_of_slices(val_size), seen
+    assert [s["test"] for s in seen] == sizes_of_slices(test_size), seen
+
+    # every metric of the record (per-level ones included), None where the one-process record has None
+    metrics, expected = distributed["metrics"], single["metrics"]
+    assert metrics.keys() == expected.keys()
+    for name, value in expected.items():
+        if value is None:
+            assert metrics[name] is None, name
+        else:
+            assert metrics[name] == pytest.approx(value, rel=1e-5), name
     for name in ("mse", "psnr", "ssim", "perplexity", "usage", "dead_codes", "quant_error"):
-        assert distributed["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-5), name
+        assert expected[name] is not None, name
+    if method == "rvq":
+        assert distributed["env"]["code_depth"] == 4 and "perplexity_level_3" in expected
+    if single["spec"]["fid"]:
+        assert expected["rfid"] is not None and expected["kid"] is not None
+        assert distributed["env"]["fid_images"] == single["env"]["fid_images"] == test_size
     assert distributed["env"]["code_histogram"] == single["env"]["code_histogram"]
-    assert distributed["curves"][-1]["mse"] == pytest.approx(single["curves"][-1]["mse"], rel=1e-5)
+    assert distributed["null_reasons"] == single["null_reasons"]
+    assert len(distributed["curves"]) == len(single["curves"]) == 1
+    for name in ("mse", "perplexity", "usage"):
+        assert distributed["curves"][-1][name] == pytest.approx(single["curves"][-1][name], rel=1e-5), name
+    # the samples come from rank 0's gathered reconstructions: the same images, in split order
+    with np.load(path.with_suffix(".samples.npz")) as got, np.load(single_path.with_suffix(".samples.npz")) as want:
+        for key in ("original", "reconstruction"):
+            assert np.array_equal(got[key], want[key]), key
+
+
+def test_uneven_slices_gather_to_rank_0_in_order(two_rank_run):
+    ranks = [json.loads((two_rank_run / f"gathered{rank}.json").read_text()) for rank in range(WORLD)]
+    for n in ("0", "1", "5"):
+        sizes = sizes_of_slices(int(n))
+        assert ranks[0][n]["sizes"] == ranks[1][n]["sizes"] == sizes
+        assert ranks[0][n]["rows"] == [0, sizes[0]] and ranks[1][n]["rows"] == [sizes[0], int(n)]
+        assert ranks[0][n]["gathered"] == torch.arange(int(n)).repeat_interleave(6).view(-1, 2, 3).tolist()
+        assert ranks[1][n]["gathered"] is None
+
+
+def test_sharded_evaluation_in_one_process_is_the_whole_split_without_collectives(monkeypatch, one_thread):
+    """At world size 1 `sharded` changes nothing: the same numbers and reconstructions, and no collective."""
+    from bench.datasets import load_dataset
+    from bench.metrics import evaluate_split
+    from bench.models import build_model
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective in one process")
+
+    for name in ("all_reduce", "all_gather", "gather", "broadcast"):
+        monkeypatch.setattr(torch.distributed, name, no_collective)
+    torch.manual_seed(0)
+    spec = spec_for("rvq")
+    model = build_model(spec)
+    images = load_dataset("photos", None, False).val[:37]
+    runs = [evaluate_split(model, images, spec.codebook_size, 16, keep_reconstructions=True, ssim=True,
+                           sharded=sharded) for sharded in (False, True)]
+    assert runs[0].metrics == runs[1].metrics
+    assert torch.equal(runs[0].histogram, runs[1].histogram) and runs[0].histogram.shape == (4, spec.codebook_size)
+    assert torch.equal(runs[0].reconstructions, runs[1].reconstructions) and len(runs[0].reconstructions) == 37
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_anything_starts(monkeypatch, dirs,
