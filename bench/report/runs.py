@@ -30,7 +30,16 @@ def load(directory: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
         {f"spec.{key}.{name}": value for key, options in records[path]["spec"].items() if isinstance(options, dict)
          for name, value in options.items()}
         for path in frame["path"]], index=frame.index)
-    return pd.concat([frame, nested], axis=1), records
+    frame = pd.concat([frame, nested], axis=1)
+    defaults = RunSpec.from_dict({"method": "ste"}).to_dict()
+    for name in RunSpec.ADDED_FIELDS:  # a record older than the field ran at its default: it reads the same
+        column = f"spec.{name}"
+        value = defaults[name]
+        if column not in frame:
+            frame[column] = [value] * len(frame)
+        else:
+            frame[column] = [value if canonical(v) == "None" and value is not None else v for v in frame[column]]
+    return frame, records
 
 
 def canonical(value) -> str:
