@@ -72,12 +72,12 @@ def cluster():
 class CLI:
     """`python -m bench.run ARGS` in the background, with its output in files, polled against deadlines."""
 
-    def __init__(self, args: list[str], logs: Path):
+    def __init__(self, args: list[str], logs: Path, entry: list[str] = ("-m", "bench.run"), env: dict | None = None):
         logs.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.process = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env,
+            self.process = subprocess.Popen([sys.executable, *entry, *args], cwd=ROOT, env=env,
                                             stdout=out, stderr=err)
 
     @property
@@ -89,8 +89,9 @@ class CLI:
         return self.stderr_path.read_text()
 
     def job_ids(self) -> dict[str, str]:
-        """run id -> SLURM job id, from the launcher's `RUN_ID: job JOB_ID` lines."""
-        return dict(re.findall(r"^(\S+): job (\d+_\d+)$", self.stdout, re.MULTILINE))
+        """run id -> SLURM job id, from the launcher's `RUN_ID: job JOB_ID` lines (ARRAY_INDEX for an array; a
+        grid of one run is one plain job)."""
+        return dict(re.findall(r"^(\S+): job (\d+(?:_\d+)?)$", self.stdout, re.MULTILINE))
 
     def wait_until(self, condition, what: str, timeout: float = DEADLINE_S):
         deadline = time.monotonic() + timeout
@@ -120,8 +121,8 @@ class CLI:
 def background():
     started: list[CLI] = []
 
-    def start(args, logs):
-        started.append(CLI(args, logs))
+    def start(args, logs, **kwargs):
+        started.append(CLI(args, logs, **kwargs))
         return started[-1]
 
     yield start
@@ -324,8 +325,17 @@ def test_cluster_presets_fill_cluster_options_and_flags_override_them():
     assert gpu.time_min == 60 and gpu.account is None  # a flag wins; an unset flag (None) leaves the preset
     assert "gpus_per_node" not in local.submitit_parameters("slurm")  # no --gpus-per-node=0 line
     assert local.submitit_parameters("slurm")["slurm_partition"] == "debug"
-    for name in ("local", "example-gpu"):  # every key of a preset is a ClusterOptions field
-        assert isinstance(cluster_options(name, {}), ClusterOptions)
+    for path in sorted((ROOT / "slurm").glob("*.toml")):  # every key of every preset is a ClusterOptions field
+        assert isinstance(cluster_options(path.stem, {}), ClusterOptions)
+
+
+def test_the_multi_gpu_preset_asks_for_one_task_per_gpu_and_nodes_multiply_the_ranks():
+    node = cluster_options("example-8gpu", {})
+    params = node.submitit_parameters("slurm")
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"], node.world_size) == (1, 8, 8, 8)
+    two = cluster_options("example-8gpu", {"nodes": 2})
+    assert (two.submitit_parameters("slurm")["nodes"], two.world_size) == (2, 16)
+    assert cluster_options("example-gpu", {}).world_size == 1
 
 
 def test_unknown_preset_names_the_presets_there_are():
