@@ -33,8 +33,9 @@ class ClusterOptions:
     nodes: int = option(1, "nodes per run (data parallel: gpus-per-node ranks on each)", minimum=1)
     ranks: int = option(0, "data-parallel ranks per node on CPUs (--launcher local: R CPU processes, gloo); 0: one "
                            "per GPU, or one", minimum=0)
-    cpus_per_task: int = option(2, "CPUs per job", minimum=1)
-    mem_gb: int = option(4, "memory per job in GB (each job imports torch, ~0.8 GB resident)", minimum=1)
+    cpus_per_task: int = option(2, "CPUs per task: per job, or per rank of a data-parallel job", minimum=1)
+    mem_gb: int = option(4, "memory per node of a job in GB, shared by the job's ranks there (each process imports "
+                            "torch, ~0.8 GB resident)", minimum=1)
     time_min: int = option(240, "time limit in minutes", flag="--time", minimum=1)
     array_parallelism: int = option(64, "at most this many array elements at once", minimum=1)
     account: str | None = option(None, "sbatch --account")

@@ -22,10 +22,23 @@
 # Options on the sbatch command line override the #SBATCH lines. For example, on slurm/local-cluster.sh:
 #     sbatch --partition=debug --gpus-per-node=0 --cpus-per-task=1 --mem=2G --time=10 slurm/sbatch-example.sh
 #
+# Several GPUs per run (data parallel): give each element one task per GPU. srun below starts the tasks, and each
+# becomes one rank of the run (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from SLURM's variables;
+# nccl; rank r on cuda:LOCAL_RANK, so the tasks must see all the node's GPUs: no --gpus-per-task, no --gpu-bind).
+# --mem is per node, --cpus-per-task per rank. For example, each run over 2 nodes of 8 GPUs (16 ranks):
+#     sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 --mem=256G slurm/sbatch-example.sh --preset mq-celeba-vqvae
+# The global batch (--batch-size) must split into equal rank slices. Two CPU ranks (gloo) on slurm/local-cluster.sh:
+#     sbatch --partition=debug --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 --mem=4G --time=10 \
+#         slurm/sbatch-example.sh --device cpu
+# (torchrun under srun does the same with one task per node: srun torchrun --nnodes "$SLURM_NNODES"
+# --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" -m bench.run ...)
+#
 #SBATCH --job-name=vq-bench
 #SBATCH --array=0-3
 #SBATCH --partition=gpu
+#SBATCH --nodes=1
 #SBATCH --gpus-per-node=1
+#SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=32G
 #SBATCH --time=24:00:00
@@ -60,10 +73,18 @@ requeue() {
 }
 trap requeue USR1
 
-echo "array element $SLURM_ARRAY_TASK_ID on $(hostname), restart ${SLURM_RESTART_COUNT:-0}" >&2
+# The ranks of the run (one per task; one task: one process, no process group) meet at the first node, on a port
+# derived from the element's own job id (the same after a requeue).
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
+export MASTER_ADDR MASTER_PORT
+echo "array element $SLURM_ARRAY_TASK_ID on $(hostname), restart ${SLURM_RESTART_COUNT:-0}," \
+     "${SLURM_NTASKS:-1} rank(s) (master $MASTER_ADDR:$MASTER_PORT)" >&2
 # --threads: SLURM grants --cpus-per-task cores, but torch counts every core of the node.
 # The run goes in the background: bash runs a trap only between commands, and `wait` is one it interrupts.
-"$PYTHON" -m bench.run "${GRID[@]}" "$@" --array-index "$SLURM_ARRAY_TASK_ID" \
+# Each task sets its rank from SLURM's per-task variables, then becomes the run's process.
+srun --kill-on-bad-exit=1 bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+    exec "$@"' rank "$PYTHON" -m bench.run "${GRID[@]}" "$@" --array-index "$SLURM_ARRAY_TASK_ID" \
     --threads "${SLURM_CPUS_PER_TASK:-0}" --quiet &
 run=$!
 while :; do
