@@ -25,7 +25,8 @@ What is written depends on `study.figure`:
 - every study: figure `codebook_features`, the encoder's features of a few test images and the K codes on the
   features' first two principal components (bench/projection.py; stored in the run's .samples.npz under
   "pca_*"), used and dead codes marked differently. One run per arm: seed 0 (else the smallest seed) of the
-  grid's runs, of the final runs for a tuning study; for a scaling study one panel per arm and axis value.
+  grid's runs, of the final runs for a tuning study; for a scaling study one panel per arm at the axis's smallest
+  and one at its largest value.
 
 Figures are as reproducible as bench.report.figures makes them (fixed style, no time stamps): the same cells
 and records give the same bytes.
@@ -284,7 +285,7 @@ def scaling_figure(runs: pd.DataFrame, axis: str, title: str) -> Figure | str:
                     handles.append(h)
                     labels.append(l)
         fig.legend(handles, labels, loc="outside right upper")
-        fig.suptitle(f"{title}: against {label} (line: mean over seeds; band: min-max over seeds)")
+        fig.suptitle(f"{title}: against {label}\nline: mean over seeds; band: min-max over seeds")
     return fig
 
 
@@ -516,12 +517,18 @@ def split_notes(runs: pd.DataFrame) -> list[str]:
 # --- codebook versus features -----------------------------------------------------------------------------------
 
 def chosen_runs(runs: pd.DataFrame, figure: str) -> pd.DataFrame:
-    """The runs the codebook figure shows: per arm (and per axis value for a scaling study) the run of seed 0,
-    else of the smallest seed; a tuning study's final runs (the tuned settings), else its grid runs."""
+    """The runs the codebook figure shows: per arm the run of seed 0, else of the smallest seed; for a scaling
+    study one at the axis's smallest and one at its largest value (where dead codes are fewest and most: 17
+    methods x every K would be too many panels); a tuning study's final runs (the tuned settings), else its grid
+    runs."""
     pool = runs[runs["phase"] == "final"] if (runs["phase"] == "final").any() else runs[runs["phase"] != "trial"]
     if pool.empty:
         pool = runs
-    keys = ["method", "axis_value"] if figure == "scaling" and "axis_value" in pool else ["method"]
+    scaling = figure == "scaling" and "axis_value" in pool
+    if scaling:
+        ends = sorted(pool["axis_value"].unique(), key=float)
+        pool = pool[pool["axis_value"].isin({ends[0], ends[-1]})]
+    keys = ["method", "axis_value"] if scaling else ["method"]
     order = [*keys, "trial", "seed", "path"] if "trial" in pool else [*keys, "seed", "path"]  # trials: 0 first
     picked = pool.sort_values(order, kind="stable").groupby(keys, sort=True).head(1)
     return picked.reset_index(drop=True)
@@ -583,11 +590,11 @@ def codebook_figure(runs: pd.DataFrame, axis: str | None, title: str) -> tuple[F
             explained = data["pca_explained"].astype(np.float64)
             colour = styles[run.method][0]
             ax.scatter(features[:, 0], features[:, 1], s=2, color="0.6", alpha=0.35, linewidth=0,
-                       label="features", rasterized=False)
+                       label="features", rasterized=True)
             ax.scatter(codes[~used, 0], codes[~used, 1], marker="x", s=12, color="black", linewidth=0.6,
-                       label="dead code")
+                       label="dead code", rasterized=True)  # up to 65536 codes: an image inside the PDF
             ax.scatter(codes[used, 0], codes[used, 1], s=14, color=colour, edgecolor="black", linewidth=0.3,
-                       label="used code")
+                       label="used code", rasterized=True)
             where = f", {AXIS_LABELS.get(axis, axis)}={run.axis_value}" if axis else ""
             ax.set_title(f"{run.method}{where}, seed {run.seed}\n{int(used.sum())} of {len(used)} codes used",
                          fontsize=8)
@@ -604,7 +611,8 @@ def codebook_figure(runs: pd.DataFrame, axis: str | None, title: str) -> tuple[F
                           label="dead code (unused on the test split)")]
         fig.legend(handles=handles, loc="outside lower center", ncols=3)
         fig.suptitle(f"{title}: codebook versus features (first two principal components of the features)")
-    notes.append("codebook_features: one run per arm" + (" and axis value" if figure == "scaling" else "")
+    notes.append("codebook_features: one run per arm" + (" at the smallest and at the largest "
+                                                          f"{AXIS_LABELS.get(axis, axis)}" if axis else "")
                  + ": seed 0, else the smallest seed" + (", of the final (tuned) runs" if (runs["phase"] == "final")
                                                          .any() else "")
                  + "; PCA of a few test images' latents, the codes projected into it; used/dead from the whole "
