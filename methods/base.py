@@ -111,6 +111,17 @@ class Quantizer(nn.Module):
     def load_training_state(self, state: dict) -> None:
         pass
 
+    def interval_stats(self) -> dict[str, float]:
+        """The means of the method's own training measurements since the previous call, then reset (the trainer
+        calls it at each validation point and stores them in the curve row as "method/<key>"). The method keeps
+        them in training_state(), so a resumed run gives the numbers of an uninterrupted one."""
+        return {}
+
+    def run_stats(self) -> dict[str, float]:
+        """The means of the method's own training measurements over the whole run so far, with their counts (the
+        trainer writes them into the record as `method_stats`); kept in training_state() like interval_stats."""
+        return {}
+
     def export_codebook(self) -> Tensor | None:
         """The codebook as a plain (K, D) tensor where the method has one, else None; (code_depth, K, D), one
         codebook per level, for a method with code_depth > 1."""

@@ -33,6 +33,26 @@ dependence along v. Its exact counterpart (`hypergrad="jvp"`) is
     +(2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (J_z v)_i,
 a Jacobian-vector product through the encoder (valid while no code assignment changes within eps).
 
+Measurements (issue 18): the finite difference is a fair stand-in for the jvp only while no code assignment changes
+within theta +- eps v. Every outer evaluation records, on the device (no host sync per step), under data
+parallelism for the global batch (the per-rank vectors averaged over the ranks before their norms are taken):
+    flip_fraction  the fraction of the inner batch's rows whose nearest code at theta + eps v or at theta - eps v
+                   differs from their code at theta (the two codes the finite difference searches, plus one extra
+                   no-grad encoder forward at theta: the one encoder pass the measurement adds to every evaluation)
+    darts_norm     |darts term|, the L2 norm over all of (E, phi)
+    direct_norm    |d_phi L_outer|
+    jvp_norm       |jvp term|
+    darts_vs_jvp   |darts - jvp| / |jvp|
+With hypergrad="darts", flip_fraction, darts_norm and direct_norm are measured at every evaluation; jvp_norm and
+darts_vs_jvp cost a forward-mode pass through the encoder (the jvp term), taken only every `probe_every`
+evaluations (the first one included; 0: never). With hypergrad="jvp", jvp_norm and direct_norm are measured at
+every evaluation, and the probe computes the darts term and its code searches: darts_norm, flip_fraction and
+darts_vs_jvp are probe measurements there. mq-alt (no hypergradient term) records direct_norm alone. The extra
+passes restore the model's buffers (BatchNorm running statistics) and the random number generators' states
+afterwards, and leave theta and the terms the update uses untouched: the update is the one without measurement,
+bit for bit. interval_stats()
+and run_stats() give the means; both accumulators are part of training_state().
+
 After training the hyper-net can be dropped: `export_codebook()` materializes C and `export_quantizer()` builds a
 plain `ste-ln` module with the same LayerNorm and fixed codebook that gives identical outputs.
 """
@@ -55,6 +75,7 @@ from methods.ste import ChannelLayerNorm, StraightThroughVQ, straight_through_vq
 
 HYPER_NETS = ("identity", "linear", "mlp", "mlp-tanh", "basis")
 HYPERGRADS = ("darts", "jvp")
+PROBE_EVERY = 10  # mq's default probe_every: the jvp probe costs about an outer evaluation's hypergradient phase
 SCHEDULES = ("mq", "alt")  # mq-alt's: mq's own, or the authors' `alt`
 
 
@@ -118,6 +139,64 @@ def full_precision(device_type: str) -> Iterator[None]:
             setattr(matmul, flag, saved[1])
 
 
+# --- the measurements ------------------------------------------------------------------------------------------
+
+class RunningMeans:
+    """Sums and counts of scalar measurements. The sums stay on the device (adding never syncs with the host); the
+    counts are host integers (they follow the control flow). means() is the one host sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach()
+            value = value.to(torch.float64) if value.device.type != "mps" else value.float()
+            if key in self.sums:
+                self.sums[key].add_(value)
+            else:
+                self.sums[key] = value.clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).tolist()  # one host sync
+        return {k: v / self.counts[k] for k, v in zip(keys, values)}
+
+    def state(self) -> dict:
+        return {"sums": {k: v.clone() for k, v in self.sums.items()}, "counts": dict(self.counts)}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device) -> "RunningMeans":
+        means = cls()
+        if state is not None:
+            means.sums = {k: v.to(device) for k, v in state["sums"].items()}
+            means.counts = dict(state["counts"])
+        return means
+
+
+def list_norm(tensors: list[Tensor]) -> Tensor:
+    """The L2 norm of a list of tensors taken as one vector (a 0-d tensor, on the device)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+@contextlib.contextmanager
+def undisturbed(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Whatever runs inside leaves the model's buffers (BatchNorm running statistics, counters) and the random
+    number generators (CPU and the device's) as they were: for the measurements' extra encoder passes."""
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    with torch.no_grad():
+        for b, s in zip(buffers, saved):
+            b.copy_(s)
+
+
 # --- the adapter -------------------------------------------------------------------------------------------------
 
 class MetaQuantizer(Quantizer):
@@ -146,6 +225,7 @@ class MetaQuantizer(Quantizer):
         hypergrad_fp32: bool = True,
         outer_micro_batch: int | None = None,
         schedule: str = "mq",
+        probe_every: int = PROBE_EVERY,
     ):
         super().__init__()
         if hyper_net not in HYPER_NETS:
@@ -168,6 +248,8 @@ class MetaQuantizer(Quantizer):
                             ("outer_every", outer_every), ("outer_accum", outer_accum)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise MethodError(f"option {name} must be a positive integer, got {value!r}")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 0:
+            raise MethodError(f"option probe_every must be a non-negative integer (0: no probe), got {probe_every!r}")
         if not 0.0 <= outer_warmup < 1.0:
             raise MethodError(f"option outer_warmup is a fraction of the run in [0, 1), got {outer_warmup!r}")
         if not (outer_lr > 0 and fd_radius > 0 and 0 <= outer_momentum < 1):
@@ -181,6 +263,7 @@ class MetaQuantizer(Quantizer):
         self.meta, self.hypergrad = meta, hypergrad
         self.fd_radius, self.hypergrad_fp32 = fd_radius, hypergrad_fp32
         self.outer_micro_batch, self.schedule = outer_micro_batch, schedule
+        self.probe_every = probe_every
         self.pre = ChannelLayerNorm(dim)  # theta: trained by the autoencoder's optimizer
         self.codebook_net = HyperNetCodebook(codebook_size, dim, latent_dim, hyper_net, mlp_hidden)  # (E, phi)
         # the training state outside state_dict (setup_training builds the optimizer)
@@ -189,6 +272,11 @@ class MetaQuantizer(Quantizer):
         self.outer_steps = 0  # hyper-net updates taken
         self.accum_count = 0  # outer evaluations summed into accum_grads since the last update
         self.accum_grads: list[Tensor] | None = None
+        # the measurements (module docstring); `measure = False` turns them off (they never change the update)
+        self.measure = True
+        self.evaluations = 0  # outer evaluations measured
+        self.probes = 0  # of which probed
+        self.run_means, self.interval_means = RunningMeans(), RunningMeans()
 
     # --- the quantizer ------------------------------------------------------------------------------------------
 
@@ -252,11 +340,15 @@ class MetaQuantizer(Quantizer):
         # slice) is averaged over the ranks before each step, so phi's update and its momentum are one process's
         collective.average_gradients_before_step(self.outer_optimizer)
         self.outer_steps, self.accum_count, self.accum_grads = 0, 0, None
+        self.evaluations, self.probes = 0, 0
+        self.run_means, self.interval_means = RunningMeans(), RunningMeans()
 
     def training_state(self) -> dict:
         return {"outer_optimizer": self._outer().state_dict(), "outer_steps": self.outer_steps,
                 "accum_count": self.accum_count,
-                "accum_grads": None if self.accum_grads is None else [g.clone() for g in self.accum_grads]}
+                "accum_grads": None if self.accum_grads is None else [g.clone() for g in self.accum_grads],
+                "measurements": {"evaluations": self.evaluations, "probes": self.probes,
+                                 "run": self.run_means.state(), "interval": self.interval_means.state()}}
 
     def load_training_state(self, state: dict) -> None:
         self._outer().load_state_dict(state["outer_optimizer"])
@@ -264,6 +356,27 @@ class MetaQuantizer(Quantizer):
         grads = state["accum_grads"]
         params = self.method_parameters()
         self.accum_grads = None if grads is None else [g.to(p) for g, p in zip(grads, params)]
+        measured = state.get("measurements")  # absent from checkpoints written before the measurements
+        device = params[0].device
+        self.evaluations = 0 if measured is None else measured["evaluations"]
+        self.probes = 0 if measured is None else measured["probes"]
+        self.run_means = RunningMeans.from_state(None if measured is None else measured["run"], device)
+        self.interval_means = RunningMeans.from_state(None if measured is None else measured["interval"], device)
+
+    def interval_stats(self) -> dict[str, float]:
+        """The means of the measurements since the previous call (module docstring), then reset."""
+        means = self.interval_means.means()
+        self.interval_means = RunningMeans()
+        return means
+
+    def run_stats(self) -> dict[str, float]:
+        """The means over the whole run so far, and the numbers of measured outer evaluations and of probes."""
+        if not self.evaluations:
+            return {}
+        counts = {"evaluations": float(self.evaluations)}
+        if self.meta:
+            counts["probes"] = float(self.probes)
+        return {**self.run_means.means(), **counts}
 
     def _outer(self) -> torch.optim.SGD:
         if self.outer_optimizer is None:
@@ -287,7 +400,7 @@ class MetaQuantizer(Quantizer):
         if self.schedule == "alt":  # the authors' alt: outer_accum evaluations and one codebook step, every step
             with record_function("mq/outer"):
                 for outer_images in self.outer_batches(ctx, self.outer_accum):
-                    self.accumulate(self.direct_gradient(ctx, outer_images))
+                    self.accumulate(self.measured_direct_gradient(ctx, outer_images))
                 self.outer_update(ctx.step)
         elif (ctx.step + 1) % self.outer_every == 0:
             self.accumulate(self.outer_gradient(ctx, self.inner_micro_batch(images)))
@@ -331,7 +444,7 @@ class MetaQuantizer(Quantizer):
         (outer_images,) = self.outer_batches(ctx, 1)
         if not self.meta:
             with record_function("mq/outer"):
-                return self.direct_gradient(ctx, outer_images)
+                return self.measured_direct_gradient(ctx, outer_images)
         theta = self.theta(ctx)
         with record_function("mq/outer"):
             loss, _ = ctx.loss_fn(outer_images)
@@ -340,9 +453,78 @@ class MetaQuantizer(Quantizer):
             v, direct = grads[: len(theta)], grads[len(theta):]
             # v = grad_theta L_outer over the GLOBAL outer batch, before eps = fd_radius / |v| is taken from it
             collective.all_reduce_mean_list_(v)
+        codes = None
         with record_function("mq/hypergrad"):
-            term = (self.darts_term if self.hypergrad == "darts" else self.jvp_term)(ctx, inner_images, v)
+            if self.hypergrad == "darts":
+                term, codes = self.darts_with_codes(ctx, inner_images, v, at_theta=self.measure)
+            else:
+                term = self.jvp_term(ctx, inner_images, v)
+        if self.measure:
+            with record_function("mq/measure"):
+                self.measure_evaluation(ctx, inner_images, v, direct, term, codes)
         return [d + t for d, t in zip(direct, term)]
+
+    # --- the measurements (module docstring) ------------------------------------------------------------------
+
+    def measured_direct_gradient(self, ctx: TrainContext, outer_images: Tensor) -> list[Tensor]:
+        """mq-alt's outer evaluation, direct_gradient, with its norm recorded."""
+        direct = self.direct_gradient(ctx, outer_images)
+        if self.measure:
+            with record_function("mq/measure"):
+                (direct_global,) = self.global_vectors(direct)
+                self.record({"direct_norm": list_norm(direct_global)}, probe=False)
+        return direct
+
+    @staticmethod
+    def global_vectors(*vectors: list[Tensor]) -> list[list[Tensor]]:
+        """Each list of per-rank tensors (means over the rank's slice) as the global batch's: copies averaged over
+        the ranks in one all-reduce (the originals, which the update uses, untouched); in one process, as they are."""
+        if not collective.distributed():
+            return list(vectors)
+        copies = [[t.detach().clone() for t in vector] for vector in vectors]
+        collective.all_reduce_mean_list_([t for vector in copies for t in vector])
+        return copies
+
+    def measure_evaluation(self, ctx: TrainContext, inner_images: Tensor, v: list[Tensor], direct: list[Tensor],
+                           term: list[Tensor], codes: tuple[Tensor, Tensor, Tensor] | None) -> None:
+        """Records one outer evaluation of mq; `codes` (at theta, theta + eps v, theta - eps v) come with a darts
+        term. The probe's extra pass runs undisturbed (buffers and generators restored)."""
+        probe = self.probe_every > 0 and self.evaluations % self.probe_every == 0
+        darts = jvp = None
+        if self.hypergrad == "darts":
+            darts = term
+            if probe:
+                with undisturbed(ctx.model, direct[0].device):
+                    jvp = self.jvp_term(ctx, inner_images, v)
+        else:
+            jvp = term
+            if probe:
+                with undisturbed(ctx.model, direct[0].device):
+                    darts, codes = self.darts_with_codes(ctx, inner_images, v, at_theta=True)
+        local = {"direct": direct, "darts": darts, "jvp": jvp}
+        if codes is not None:
+            center, plus, minus = codes
+            flips = ((plus != center) | (minus != center)).to(direct[0].dtype).mean()
+            local["flips"] = [flips]  # the ranks' slices are equal: the mean of their fractions is the global one
+        local = {k: t for k, t in local.items() if t is not None}
+        vectors = dict(zip(local, self.global_vectors(*local.values())))
+        values = {"direct_norm": list_norm(vectors["direct"])}
+        if "flips" in vectors:
+            values["flip_fraction"] = vectors["flips"][0]
+        if "darts" in vectors:
+            values["darts_norm"] = list_norm(vectors["darts"])
+        if "jvp" in vectors:
+            values["jvp_norm"] = list_norm(vectors["jvp"])
+            if "darts" in vectors:
+                difference = list_norm(torch._foreach_sub(vectors["darts"], vectors["jvp"]))
+                values["darts_vs_jvp"] = difference / values["jvp_norm"].clamp_min(torch.finfo(difference.dtype).tiny)
+        self.record(values, probe)
+
+    def record(self, values: dict[str, Tensor], probe: bool) -> None:
+        self.run_means.add(values)
+        self.interval_means.add(values)
+        self.evaluations += 1
+        self.probes += probe
 
     def accumulate(self, grads: list[Tensor]) -> None:
         if self.accum_grads is None:
@@ -375,13 +557,20 @@ class MetaQuantizer(Quantizer):
         return self.pre(ctx.model.encode(ctx.model.preprocess(images)))
 
     @staticmethod
-    def code_sums(codebook: Tensor, z: Tensor, values: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
-        """Assign the rows of sg(z) (B, d, h, w) to their nearest codes of sg(codebook) (K, d); per code, the
-        number of rows (K,) and the sum of their `values` (default: the rows themselves), (K, d). -> (counts,
-        sums, rows). With these, the codebook term is a (K, d) expression (codebook_objective)."""
+    def assign(codebook: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows of sg(z) (B, d, h, w), (N, d) in at least fp32, and their nearest codes of sg(codebook), (N,)."""
         z = z.detach()
         rows = to_rows(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z)  # (N, d)
-        idx = nearest_code(rows, codebook.detach().to(rows.dtype))  # (N,)
+        return rows, nearest_code(rows, codebook.detach().to(rows.dtype))
+
+    @staticmethod
+    def code_sums(codebook: Tensor, z: Tensor, values: Tensor | None = None,
+                  assigned: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, int]:
+        """Assign the rows of sg(z) (B, d, h, w) to their nearest codes of sg(codebook) (K, d); per code, the
+        number of rows (K,) and the sum of their `values` (default: the rows themselves), (K, d). -> (counts,
+        sums, rows). With these, the codebook term is a (K, d) expression (codebook_objective). `assigned`:
+        assign(codebook, z), where the caller already has it."""
+        rows, idx = MetaQuantizer.assign(codebook, z) if assigned is None else assigned
         values = rows if values is None else to_rows(values.detach()).to(rows.dtype)
         counts = torch.bincount(idx, minlength=codebook.shape[0]).to(rows.dtype)  # (K,)
         sums = torch.zeros(codebook.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
@@ -415,6 +604,13 @@ class MetaQuantizer(Quantizer):
         theta is perturbed in place and restored by copying the saved tensors (not by adding back), so no
         rounding drift accumulates over a run. Only the encoder runs, without a graph to theta.
         """
+        return self.darts_with_codes(ctx, inner_images, v)[0]
+
+    def darts_with_codes(self, ctx: TrainContext, inner_images: Tensor, v: list[Tensor], at_theta: bool = False
+                         ) -> tuple[list[Tensor], tuple[Tensor, Tensor, Tensor] | None]:
+        """darts_term, and with at_theta the inner rows' codes (at theta, theta + eps v, theta - eps v), each (N,):
+        the codes at theta cost one more no-grad encoder forward, run undisturbed (buffers and generators
+        restored), with the same codebook and precision as the two searches of the finite difference."""
         theta, phi = self.theta(ctx), self.method_parameters()
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))  # stays on the device: no sync
         eps = self.fd_radius / norm.clamp_min(1e-12)
@@ -429,13 +625,18 @@ class MetaQuantizer(Quantizer):
                 torch._foreach_sub_(theta, step)
                 z_minus = self.search_input(ctx, inner_images)
                 torch._foreach_copy_(theta, saved)
+                if at_theta:
+                    with record_function("mq/measure"), undisturbed(ctx.model, norm.device):
+                        center = self.assign(codebook, self.search_input(ctx, inner_images))[1]
         # grad_phi is linear in the loss, and the loss in (counts, sums): one backward through the hyper-net
         # gives g(theta-) - g(theta+)
-        counts_minus, sums_minus, rows = self.code_sums(codebook, z_minus)
-        counts_plus, sums_plus, _ = self.code_sums(codebook, z_plus)
+        minus, plus = self.assign(codebook, z_minus), self.assign(codebook, z_plus)
+        counts_minus, sums_minus, rows = self.code_sums(codebook, z_minus, assigned=minus)
+        counts_plus, sums_plus, _ = self.code_sums(codebook, z_plus, assigned=plus)
         difference = self.codebook_objective(codebook, counts_minus - counts_plus, sums_minus - sums_plus, rows)
         grads = torch.autograd.grad(difference, phi)
-        return torch._foreach_div(list(grads), 2 * eps)
+        codes = (center, plus[1], minus[1]) if at_theta else None
+        return torch._foreach_div(list(grads), 2 * eps), codes
 
     def jvp_term(self, ctx: TrainContext, inner_images: Tensor, v: list[Tensor]) -> list[Tensor]:
         """The exact counterpart of darts_term: +(2 rate codebook_weight / N) sum_i (d e_{k_i}/d phi)^T (J_z v)_i.
@@ -483,17 +684,20 @@ def mq(
     fd_radius: float = 0.01,
     hypergrad_fp32: bool = True,
     outer_micro_batch: int | None = None,
+    probe_every: int = PROBE_EVERY,
 ) -> MetaQuantizer:
     """Meta-Quantization. Defaults: the authors' code (hyper-net mlp-tanh, h = 32, hidden 256 as in their VQGAN
     setting; rate 0.1; both loss weights 1; outer SGD lr 1e-4, momentum 0.9; warm-up 10% then cosine; DARTS
     finite difference of radius 0.01). outer_every = 4 is ours (the compute ratio of their accumulation of 4);
-    outer_micro_batch None (whole batches) is ours, the VQGAN presets set the authors' 16."""
+    outer_micro_batch None (whole batches) is ours, the VQGAN presets set the authors' 16. probe_every (ours, a
+    measurement only: it never changes the update): the jvp/darts comparison every probe_every outer evaluations,
+    0 never (module docstring)."""
     return MetaQuantizer(
         dim, codebook_size, hyper_net=hyper_net, latent_dim=latent_dim, mlp_hidden=mlp_hidden, rate=rate,
         commitment_weight=commitment_weight, codebook_weight=codebook_weight, outer_lr=outer_lr,
         outer_momentum=outer_momentum, outer_warmup=outer_warmup, outer_every=outer_every, outer_accum=outer_accum,
         meta=True, hypergrad=hypergrad, fd_radius=fd_radius, hypergrad_fp32=hypergrad_fp32,
-        outer_micro_batch=outer_micro_batch,
+        outer_micro_batch=outer_micro_batch, probe_every=probe_every,
     )
 
 
