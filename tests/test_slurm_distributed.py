@@ -30,8 +30,9 @@ from tests.conftest import ROOT, TINY
 from tests.test_slurm import background, cluster, dirs_args, grid, record, sacct_states  # noqa: F401 (fixtures)
 
 STEPS, CKPT_EVERY, RANKS = 6, 3, 2
-# The job's VQB_COLLECTIVE_TIMEOUT_S. Not small: rank 1 waits at a barrier while rank 0 evaluates the test split
-# alone (seconds on an idle machine, minutes on a busy one).
+# The job's VQB_COLLECTIVE_TIMEOUT_S. Not small: a rank waits at a barrier while the other is slower (rank 0 alone
+# writes checkpoints and the record and computes what evaluation does not shard), seconds on an idle machine and
+# minutes on a busy one.
 COLLECTIVE_TIMEOUT_S = 600
 GONE_S = 30  # the cancelled job's processes must be gone this soon after scancel (SIGKILL after KillWait, 5 s)
 RUN = ["--methods", "ema", "--steps", str(STEPS), "--ckpt-every", str(CKPT_EVERY), "--eval-every", "0", *TINY,
