@@ -58,18 +58,26 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
+def final_split(data, spec):
+    """The split of the final evaluation: the test split, or for a tuning trial (eval_split = "val") the
+    validation split, so that choosing among trials never reads the test split."""
+    return data.val if spec.eval_split == "val" else data.test
+
+
 def evaluate_test(model, data, spec, autocast, progress: bool = True) -> tuple[dict, dict, dict] | None:
     """-> (metrics, null_reasons, info). Every protocol metric is a key of metrics; each None has a reason.
+    The split is the test split unless the run says eval_split = "val" (a tuning trial); info names it.
 
     Under several ranks every rank calls it: each reconstructs and measures its slice of the test split
     (evaluate_split, sharded), rank 0 receives the whole split's reconstructions and alone goes on (rFID, KID,
     LPIPS, gFID); the other ranks return None once their slice is done."""
     device = next(model.parameters()).device
-    say(f"evaluating: test split {len(data.test)} images (reconstruction, codebook, SSIM"
+    split, split_name = final_split(data, spec), spec.eval_split
+    say(f"evaluating: {split_name} split {len(split)} images (reconstruction, codebook, SSIM"
         f"{', rFID, KID' if spec.fid else ''}{', gFID' if spec.gfid else ''})"
         f"{f', {collective.world_size()} ranks' if collective.distributed() else ''}")
-    with counting(model, len(collective.shard(len(data.test))), "test split", progress):  # this rank's images
-        result = evaluate_split(model, data.test, model.quantizer.codebook_size, spec.eval_batch_size, autocast,
+    with counting(model, len(collective.shard(len(split))), f"{split_name} split", progress):  # this rank's images
+        result = evaluate_split(model, split, model.quantizer.codebook_size, spec.eval_batch_size, autocast,
                                 keep_reconstructions=True, ssim=True, sharded=True)
     if collective.rank() != 0:
         return None
@@ -77,23 +85,23 @@ def evaluate_test(model, data, spec, autocast, progress: bool = True) -> tuple[d
     metrics.update(result.metrics)
     null_reasons: dict[str, str] = {}
     # code_histogram: (K,) counts, or (code_depth, K) for a method with several codes per position
-    info: dict = {"test_images": len(data.test), "code_histogram": result.histogram.tolist(),
+    info: dict = {"eval_split": split_name, f"{split_name}_images": len(split), "code_histogram": result.histogram.tolist(),
                   "code_depth": getattr(model.quantizer, "code_depth", 1),
                   "reconstructions": result.reconstructions}
-    test_images = whole_split(data.test)
+    real_images = whole_split(split)
 
     extractor = fid_extractor(spec, device)[0] if spec.fid else None
     if spec.fid:
-        fid, reasons, fid_info = inception_pass(extractor, spec, test_images, result.reconstructions,
-                                                f"{spec.dataset}/test", "reconstructed", device, progress)
+        fid, reasons, fid_info = inception_pass(extractor, spec, real_images, result.reconstructions,
+                                                f"{spec.dataset}/{split_name}", "reconstructed", device, progress)
         metrics["rfid"], metrics["kid"] = fid["rfid"], fid["kid"]
         null_reasons.update({k: v for k, v in reasons.items() if k in metrics})
         info.update(fid_info, kid_std=fid["kid_std"])
     else:
         null_reasons["rfid"] = null_reasons["kid"] = "rFID off for this run (fid = false)"
 
-    say("LPIPS: test split")
-    metrics["lpips"], reason = lpips_metric(test_images.float() / 255, result.reconstructions.float() / 255,
+    say(f"LPIPS: {split_name} split")
+    metrics["lpips"], reason = lpips_metric(real_images.float() / 255, result.reconstructions.float() / 255,
                                             device=device)
     if reason:
         null_reasons["lpips"] = reason

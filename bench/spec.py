@@ -50,6 +50,8 @@ class RunSpec:
     # evaluation
     eval_every: int = option(100, "validation curve interval in steps (0: only at the end)", minimum=0)
     eval_batch_size: int = option(500, "images per evaluation batch", minimum=1)
+    eval_split: Literal["test", "val"] = option(
+        "test", "the split of the final evaluation; val: a tuning trial's, whose selection never reads the test split")
     fid: bool = option(True, "rFID and KID of the test reconstructions (standard Inception weights, found offline)")
     gfid: bool = option(False, "train the stage-2 prior, sample, record gFID and the prior's bits per code")
     prior_options: dict = option(flag=False, factory=dict)  # bench.prior.PriorConfig fields (layers, steps, ...)
@@ -65,7 +67,7 @@ class RunSpec:
 
     # Fields added after records were committed: part of the run id only when they differ from their default, so
     # the ids of earlier records (made when every run had the default) still hold.
-    ADDED_FIELDS = ("adam_eps", "random_crop", "hflip")
+    ADDED_FIELDS = ("adam_eps", "random_crop", "hflip", "eval_split")
     RUNTIME_FIELDS = ("ckpt_every", "device", "threads", "data_root", "download", "experiment", "inception_weights",
                       "log")
 

@@ -27,9 +27,10 @@ from bench.datasets import IndexStream, load_dataset
 from bench.datasets.augment import Augmentation, CropDraws, augment_batch, draws
 from bench import distributed
 from bench.environment import environment, peak_memory_mb, reset_peak_memory
-from bench.evaluation import evaluate_test
+from bench.evaluation import evaluate_test, final_split
 from bench.metrics import PROTOCOL_METRICS, evaluate_split, mean_batch_perplexity
 from bench.models import build_model
+from bench.projection import codebook_projection
 from bench.lock import RunLock
 from bench.records import COMPLETE, DIVERGED, atomic_file, check_experiment_name, finite_or_none, write_record
 from bench.spec import RunSpec
@@ -355,7 +356,8 @@ class Trainer:
                                 self.spec.eval_batch_size, self.autocast, sharded=True)
         m = result.metrics
         return {"step": self.step, "train_s": round(self.train_seconds, 3), "mse": m["mse"],
-                "perplexity": m["perplexity"], "usage": m["usage"]}
+                "perplexity": m["perplexity"], "usage": m["usage"],
+                **{f"method/{k}": v for k, v in self.quantizer.interval_stats().items()}}  # since the last point
 
     @property
     def data_fingerprint(self) -> str | None:
@@ -422,28 +424,39 @@ class Trainer:
     def samples_path(self) -> Path:
         return self.record_path.with_suffix(".samples.npz")
 
-    def save_samples(self, reconstructions: torch.Tensor, count: int = 8) -> tuple:
-        """Test images spread over the split and their reconstructions, beside the record, for the figures;
-        returns them, (count, 3, H, W) uint8 each."""
+    def save_samples(self, reconstructions: torch.Tensor, histogram, count: int = 8,
+                     projected: int = 32) -> tuple[tuple, str | None]:
+        """Images spread over the evaluated split and their reconstructions, beside the record, for the figures,
+        with the codebook-versus-features projection of the split's first `projected` images (keys "pca_",
+        bench/projection.py) -> ((original, reconstruction), (count, 3, H, W) uint8 each; why there is no
+        projection, or None)."""
         import io
 
         import numpy as np
 
+        split = final_split(self.data, self.spec)
         picks = torch.linspace(0, len(reconstructions) - 1, count).round().long()
         buffer = io.BytesIO()
-        original = self.data.test[picks.to(self.data.test.device)].cpu().numpy()
+        original = split[picks.to(split.device)].cpu().numpy()
         reconstruction = reconstructions[picks].numpy()
-        np.savez_compressed(buffer, original=original, reconstruction=reconstruction)
+        try:
+            projection = codebook_projection(self.model, split[0:min(projected, len(split))], histogram)
+            missing = None
+        except ValueError as error:  # a quantizer whose codes cannot be laid over its features: the record says why
+            projection, missing = {}, str(error)
+        np.savez_compressed(buffer, original=original, reconstruction=reconstruction,
+                            **{f"pca_{k}": v for k, v in projection.items()})
         with atomic_file(self.samples_path) as f:  # written before the record: a record always has its samples
             f.write(buffer.getvalue())
-        return original, reconstruction
+        return (original, reconstruction), missing
 
     # --- the record -------------------------------------------------------------------------------------
 
     def finish(self) -> Path:
-        """Evaluate on the test split (a diverged run: nothing to evaluate) and write the record; then remove the
-        run's checkpoint unless --keep-checkpoints (no later stage reads it: gFID ran inside the evaluation)."""
+        """Evaluate on the test split (a tuning trial: the validation split; a diverged run: nothing to evaluate)
+        and write the record; then remove the run's checkpoint unless --keep-checkpoints (no later stage reads it: gFID ran inside the evaluation)."""
         peak = peak_memory_mb(self.device)
+        self.method_stats = self.quantizer.run_stats()  # on every rank: a method may reduce over the ranks
         if self.world > 1:  # the largest rank's
             box = torch.tensor([peak if peak is not None else -1.0], dtype=torch.float64, device=self.device)
             peak = collective.all_reduce_max_(box).item()
@@ -471,8 +484,10 @@ class Trainer:
         else:
             metrics, null_reasons, eval_info = evaluate_test(self.model, self.data, spec, self.autocast,
                                                              progress=self.progress)
-            samples = self.save_samples(eval_info.pop("reconstructions"))
-            self.trackers.image(self.step, "test/reconstructions", image_grid(*samples))
+            samples, missing = self.save_samples(eval_info.pop("reconstructions"), eval_info["code_histogram"])
+            if missing:
+                eval_info["projection_missing"] = missing
+            self.trackers.image(self.step, f"{spec.eval_split}/reconstructions", image_grid(*samples))
         eval_seconds = time.perf_counter() - eval_start
         count = lambda params: sum(p.numel() for p in params)  # noqa: E731
         cost = {
@@ -497,6 +512,7 @@ class Trainer:
             "cost": cost,
             "null_reasons": null_reasons,
             "curves": self.curves,
+            "method_stats": self.method_stats,  # the method's own training measurements (MQ's finite difference)
             "env": {**environment(self.device), "world_size": self.world, "backend": distributed.backend(),
                     "codebook_size": self.quantizer.codebook_size,
                     "method_version": method_version(spec.method),

@@ -665,7 +665,8 @@ class MetaQuantizer(Quantizer):
 # mq and mq-alt spell out the same options on purpose: the registry reads a method's options from its signature, and
 # mq-alt must not offer the hypergradient's; tests/test_mq.py checks that the shared ones keep the same defaults.
 
-@register("mq", palette_slot=6, version=2)  # 2: the authors' pre-search map
+@register("mq", palette_slot=6, version=2,
+          search_space={"outer_lr": (1e-5, 1e-4, 1e-3), "rate": (0.03, 0.1, 0.3)})  # 2: the authors' pre-search map
 def mq(
     dim: int,
     codebook_size: int,
@@ -701,7 +702,8 @@ def mq(
     )
 
 
-@register("mq-alt", palette_slot=7, version=2)  # 2: the authors' pre-search map
+@register("mq-alt", palette_slot=7, version=2,
+          search_space={"outer_lr": (1e-5, 1e-4, 1e-3), "rate": (0.03, 0.1, 0.3)})  # 2: the authors' pre-search map
 def mq_alt(
     dim: int,
     codebook_size: int,

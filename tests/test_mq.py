@@ -504,4 +504,4 @@ def test_mq_alt_takes_exactly_mqs_options_less_the_hypergradient_ones_with_the_s
 
     mq, alt = method_options("mq"), method_options("mq-alt")
     assert alt.pop("schedule") == "mq"
-    assert {k: v for k, v in mq.items() if k not in ("hypergrad", "fd_radius", "hypergrad_fp32")} == alt
+    assert {k: v for k, v in mq.items() if k not in ("hypergrad", "fd_radius", "hypergrad_fp32", "probe_every")} == alt

@@ -90,7 +90,8 @@ def expected_outer(authors):
     whole batch)."""
     micro = authors["micro_batch"] if authors["accumulation"] > 1 else None
     return {**HYPER, "hyper_net": authors["hyper_net"], "latent_dim": authors["h"], "mlp_hidden": authors["mlp_hidden"],
-            "outer_every": 1, "outer_accum": authors["accumulation"], "outer_micro_batch": micro}
+            "outer_every": 1, "outer_accum": authors["accumulation"], "outer_micro_batch": micro,
+            "probe_every": 10}  # ours, not theirs: how often the finite difference is measured (never the update)
 
 
 @pytest.mark.parametrize("preset", sorted(AUTHORS))
@@ -109,7 +110,7 @@ def test_mq_preset_runs_the_authors_setting(preset):
 
     outer = expected_outer(authors)
     assert effective_method_options(specs["mq"]) == outer
-    alt = {k: v for k, v in outer.items() if k not in ("hypergrad", "fd_radius", "hypergrad_fp32")}
+    alt = {k: v for k, v in outer.items() if k not in ("hypergrad", "fd_radius", "hypergrad_fp32", "probe_every")}
     # the authors' alt: the codebook a problem of its own, evaluated at every micro-step with their accumulation
     assert effective_method_options(specs["mq-alt"]) == {**alt, "schedule": "alt"}
 
@@ -199,6 +200,7 @@ def run_steps(model, inner, outer, steps):
 def test_mq_outer_evaluation_uses_micro_batches_for_the_outer_loss_and_the_finite_difference():
     inner, outer = images(2), images(2, seed=2)
     model = tiny("mq", outer_every=1, outer_accum=4, outer_micro_batch=2)
+    model.quantizer.measure = False  # the measurements' own encoder passes (tests/test_mq_measurements.py) aside
     rec = run_steps(model, inner, outer, 2)
     assert rec.losses == [8, 2, 8, 2]  # per step: the inner step on 8 images, the outer loss on 2
     assert [x.shape[0] for x in rec.encoded] == [8, 2, 2, 2] * 2  # inner, outer, the finite difference's two
@@ -210,7 +212,9 @@ def test_mq_outer_evaluation_uses_micro_batches_for_the_outer_loss_and_the_finit
 
 def test_mq_outer_evaluation_without_micro_batch_uses_the_whole_batches():
     inner, outer = images(1), images(1, seed=2)
-    rec = run_steps(tiny("mq", outer_every=1, outer_accum=4), inner, outer, 1)
+    model = tiny("mq", outer_every=1, outer_accum=4)
+    model.quantizer.measure = False  # the measurements' own encoder passes aside
+    rec = run_steps(model, inner, outer, 1)
     assert rec.losses == [8, 8]
     assert [x.shape[0] for x in rec.encoded] == [8, 8, 8, 8]
 

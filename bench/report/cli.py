@@ -1,5 +1,6 @@
 """`python -m bench.report DIR [--out FIGDIR] [--reference ste]` : the tables and figures of a paper, from the
-records under DIR. `python -m bench.report --paper` regenerates results/report/ from the committed records.
+records under DIR. `python -m bench.report --paper` regenerates results/report/ from the committed records, and
+each committed study's report (results/studies/<name>/report/, bench/study.py).
 
 Everything is grouped by (experiment, dataset): records of different experiments never mix. Per group, under
 OUT/<experiment>/<dataset>/ (OUT defaults to DIR/report):
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # writes results/photos-vqvae/) never leak into the paper's tables.
 PAPER_RESULTS = ROOT / "results" / "photos-300"
 PAPER_REPORT = ROOT / "results" / "report"
+STUDIES, STUDY_RESULTS = ROOT / "studies", ROOT / "results" / "studies"  # each committed study: its own report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,4 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     tables = sum(p.suffix in (".md", ".tex", ".csv") for p in written)
     print(f"wrote {tables} table files and {len(written) - tables} figure files under {out}")
+    if args.paper:
+        paper_studies()
     return 0
+
+
+def paper_studies() -> None:
+    """The committed studies' reports, results/studies/<name>/report/, from their records."""
+    from bench.study import load_study, write_study_report
+
+    for path in sorted(STUDIES.glob("*.toml")):
+        if (STUDY_RESULTS / path.stem).is_dir():
+            write_study_report(load_study(path), STUDY_RESULTS)
