@@ -397,16 +397,22 @@ def run_study(study: Study, out: Path, scratch: Path, launcher: str, options: di
     return 1 if missing else 0
 
 
-def write_study_report(study: Study, out: Path) -> Path:
+def study_records(study: Study, out: Path) -> list[tuple[Cell, dict | None]]:
+    """Every cell of the study with its record (None where it has not run), each record with its `_path`."""
+    pairs = []
+    for cell in study.cells(read_selection(study, out)):
+        path = find_record(study, cell, out)
+        pairs.append((cell, {**json.loads(path.read_text()), "_path": str(path)} if path else None))
+    return pairs
+
+
+def write_study_report(study: Study, out: Path, report: Path | None = None) -> Path:
+    """The study's tables and figures, in <out>/<name>/report/ unless `report` says where."""
     from bench.report.studies import build_study_report
 
-    folder = study_dir(study, out)
-    selection = read_selection(study, out)
-    cells = study.cells(selection)
-    pairs = [(cell, {**json.loads(path.read_text()), "_path": str(path)} if (path := find_record(study, cell, out))
-              else None) for cell in cells]
-    report = folder / "report"
-    markdown, written, notes = build_study_report(study, pairs, report, selection=selection)
+    report = report or study_dir(study, out) / "report"
+    markdown, written, notes = build_study_report(study, study_records(study, out), report,
+                                                  selection=read_selection(study, out))
     print(markdown)
     for note in notes:
         print(f"note: {note}")

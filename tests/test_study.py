@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import UserError
-from bench.study import LR_SPACE, Study, load_study, run_study, selection_path, study_dir
+from bench.study import LR_SPACE, Study, load_study, run_study, selection_path, study_dir, write_study_report
 from methods import list_methods, method_options, search_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,3 +208,18 @@ def test_a_tuning_study_never_reads_the_test_split_before_selection(tmp_path, mo
         for key, value in settings.items():
             if key.startswith("method."):
                 assert final["spec"]["method_options"][key.removeprefix("method.")] == value
+
+
+COMMITTED = sorted(path.stem for path in (ROOT / "studies").glob("*.toml")
+                   if (ROOT / "results" / "studies" / path.stem / "report").is_dir())
+
+
+@pytest.mark.parametrize("name", COMMITTED or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no committed study report under results/studies/ yet"))])
+def test_a_committed_study_report_regenerates_byte_for_byte(name, tmp_path):
+    committed = ROOT / "results" / "studies" / name / "report"
+    write_study_report(load_study(ROOT / "studies" / f"{name}.toml"), ROOT / "results" / "studies", tmp_path)
+    files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for relative in files:
+        assert (tmp_path / relative).read_bytes() == (committed / relative).read_bytes(), relative
