@@ -79,6 +79,12 @@ PROBE_EVERY = 10  # mq's default probe_every: the jvp probe costs about an outer
 SCHEDULES = ("mq", "alt")  # mq-alt's: mq's own, or the authors' `alt`
 
 
+def own_share(rows: Tensor) -> Tensor:
+    """This rank's contiguous equal share of rows every rank holds (all of them in one process)."""
+    n = rows.shape[0] // collective.world_size()
+    return rows[collective.rank() * n:(collective.rank() + 1) * n]
+
+
 # --- the generated codebook ------------------------------------------------------------------------------------
 
 class HyperNetCodebook(nn.Module):
@@ -327,18 +333,14 @@ class MetaQuantizer(Quantizer):
     # --- training: setup and state ----------------------------------------------------------------------------
 
     def setup_training(self, total_steps: int) -> None:
-        if self.outer_micro_batch is not None and collective.distributed():
-            # a micro-batch is m rows of the GLOBAL drawn batch (and the last m of the step's): each rank holds a
-            # contiguous slice, so its own m-row pieces would be other images; not implemented, so refused
-            raise MethodError(f"option outer_micro_batch={self.outer_micro_batch} is not supported with "
-                              f"{collective.world_size()} data-parallel ranks yet; run it in one process, or without "
-                              f"the option (remove outer_micro_batch from the method's options)")
+        world = collective.world_size()
+        if self.outer_micro_batch is not None and self.outer_micro_batch % world:
+            # a micro-batch is m rows of the GLOBAL batch, each rank evaluating its contiguous m / world of them
+            raise MethodError(f"option outer_micro_batch={self.outer_micro_batch} does not split into {world} equal "
+                              f"rank slices; pass a multiple of {world}, or run on a number of ranks that divides it")
         self.total_steps = total_steps
         self.outer_optimizer = torch.optim.SGD(self.method_parameters(), lr=self.outer_lr,
                                                momentum=self.outer_momentum)
-        # data parallelism: the accumulated outer gradient (direct + darts/jvp term, each a mean over the rank's
-        # slice) is averaged over the ranks before each step, so phi's update and its momentum are one process's
-        collective.average_gradients_before_step(self.outer_optimizer)
         self.outer_steps, self.accum_count, self.accum_grads = 0, 0, None
         self.evaluations, self.probes = 0, 0
         self.run_means, self.interval_means = RunningMeans(), RunningMeans()
@@ -418,10 +420,13 @@ class MetaQuantizer(Quantizer):
 
     def inner_micro_batch(self, images: Tensor) -> Tensor:
         """The inner batch of the finite difference: the whole step's batch, or with outer_micro_batch = m its
-        last m images (the authors' finite difference runs on the last micro-batch their generator saw)."""
+        last m images (the authors' finite difference runs on the last micro-batch their generator saw). Under
+        data parallelism `images` is this rank's slice: the m rows are the global batch's, this rank's share of them
+        its contiguous m / world."""
         if self.outer_micro_batch is None:
             return images
-        return images[images.shape[0] - self._micro(images.shape[0]):]
+        whole = collective.all_gather_rows(images)  # (B, 3, H, W): the one-process batch
+        return own_share(whole[whole.shape[0] - self._micro(whole.shape[0]):])
 
     def outer_batches(self, ctx: TrainContext, count: int) -> list[Tensor]:
         """`count` outer batches from ctx.draw_batch(): whole drawn batches, or with outer_micro_batch = m
@@ -433,8 +438,9 @@ class MetaQuantizer(Quantizer):
             if self.outer_micro_batch is None:
                 batches.append(drawn)
                 continue
-            m = self._micro(drawn.shape[0])
-            batches += [drawn[i:i + m] for i in range(0, drawn.shape[0] - m + 1, m)]
+            whole = collective.all_gather_rows(drawn)  # the one-process drawn batch (this rank's slice: drawn)
+            m = self._micro(whole.shape[0])
+            batches += [own_share(whole[i:i + m]) for i in range(0, whole.shape[0] - m + 1, m)]
         return batches[:count]
 
     def outer_gradient(self, ctx: TrainContext, inner_images: Tensor) -> list[Tensor]:
@@ -527,8 +533,12 @@ class MetaQuantizer(Quantizer):
         self.probes += probe
 
     def accumulate(self, grads: list[Tensor]) -> None:
+        # data parallelism: each evaluation's gradient (direct + darts/jvp term, each a mean over the rank's slice)
+        # is averaged over the ranks as it is accumulated, so the running sum, which a checkpoint between two
+        # evaluations keeps, is one process's on every rank, and so are phi's update and its momentum
+        grads = collective.all_reduce_mean_list_([g.detach().clone() for g in grads])
         if self.accum_grads is None:
-            self.accum_grads = [g.detach().clone() for g in grads]
+            self.accum_grads = grads
         else:
             torch._foreach_add_(self.accum_grads, grads)
         self.accum_count += 1

@@ -3,7 +3,7 @@
 For every registered method, 5 training steps of a tiny model on a global batch of 8 in one process and on 2 ranks
 (4 rows each, through the Trainer's own process-group setup from torchrun's environment variables) leave the same
 parameters, buffers, optimizer and method state (to 1e-5 relative) and give the same code indices on a probe
-batch; and whole 2-rank runs (ema with rFID, rvq with its (depth, K) histogram, ibq with a collective in its
+batch; and whole 2-rank runs (ema; rvq with its (depth, K) histogram and rFID; ibq with a collective in its
 forward) write records whose metrics, validation curve, histogram and samples are the one-process record's, while
 each rank reconstructs only its slice of the validation and test splits (odd split lengths included). Both ranks
 run everything inside one spawn (imports and the group's setup are paid once).
@@ -23,15 +23,26 @@ from bench.inception import random_extractor
 from methods import list_methods
 from tests.conftest import ROOT, tiny_spec
 
-METHODS = [m for m in list_methods() if not m.startswith("test-")]
+# every registered method at its defaults, and MQ with the VQGAN presets' outer micro-batch (m rows of the global
+# batches, each rank evaluating its m / 2 of them; outer_accum 2 takes two micro-batches of one drawn batch, and
+# after 5 steps one evaluation waits in the accumulator, which must already be the one-process sum). fd_radius 0.1:
+# the finite difference divides float32 rounding by 2 eps, and at 0.01 the two halves' mean and the whole mean
+# differed by 1.04e-5 relative in the accumulator
+VARIANTS = {"mq@micro": ("mq", {"outer_micro_batch": 4, "outer_every": 1, "outer_accum": 2, "fd_radius": 0.1}),
+            "mq-alt@micro": ("mq-alt", {"outer_micro_batch": 4, "outer_every": 1, "outer_accum": 2,
+                                        "schedule": "alt"})}
+METHODS = [m for m in list_methods() if not m.startswith("test-")] + list(VARIANTS)
 BATCH, STEPS, WORLD = 8, 5, 2
 # whole runs to a record, each validated once (at its last step) and evaluated on the test split:
-# method -> (spec overrides, validation images kept, test images kept; None: the whole split, photos' 504 and 961)
+# method -> (spec overrides, validation images kept, test images kept; None: the whole split, photos' 504 and 961).
+# After 5 steps the tiny single-codebook models put every position on one code (identical reconstructions); rvq's
+# levels do not, so its record is the one whose rFID, KID and samples tell the images apart
 RECORDS = {
-    # validation 504 (even), test 201 (odd: slices of 100 and 101), rFID and KID through the random Inception
-    "ema": (dict(fid=True), None, 201),
-    # (code_depth, K) histogram, validation 503 (odd), three evaluation batches per slice (64, 64, 22)
-    "rvq": (dict(eval_batch_size=64), 503, 300),
+    # validation 504 (even), test 961 (odd: slices of 480 and 481), one batch per slice
+    "ema": (dict(), None, None),
+    # (code_depth, K) histogram, rFID and KID through the random Inception, validation 503 (odd), test 201 (slices
+    # of 100 and 101), two evaluation batches per slice (64 and 36 or 37)
+    "rvq": (dict(fid=True, eval_batch_size=64), 503, 201),
     # a forward with a collective in training (its batch entropy), also run in eval mode: the test slices of 100
     # and 101 take one and two batches
     "ibq": (dict(eval_batch_size=100), None, 201),
@@ -50,8 +61,9 @@ METHOD_OPTIONS = {"ibq": {"entropy_temperature": 1.0}}
 
 def spec_for(method: str, **overrides):
     # steps > STEPS with no validation or checkpoint: train(STEPS) stops mid-run, at the state to compare
+    method, options = VARIANTS.get(method, (method, METHOD_OPTIONS.get(method, {})))
     values = dict(method=method, batch_size=BATCH, steps=10, eval_every=0, ckpt_every=0, threads=1,
-                  codebook_size=CODEBOOK_SIZE.get(method, 256), method_options=METHOD_OPTIONS.get(method, {}))
+                  codebook_size=CODEBOOK_SIZE.get(method, 256), method_options=options)
     values.update(overrides)
     return tiny_spec(**values)
 
@@ -303,6 +315,8 @@ def test_a_two_rank_record_has_the_one_process_metrics_each_rank_evaluating_its_
     with np.load(path.with_suffix(".samples.npz")) as got, np.load(single_path.with_suffix(".samples.npz")) as want:
         for key in ("original", "reconstruction"):
             assert np.array_equal(got[key], want[key]), key
+        if method == "rvq":  # reconstructions that differ: a gather out of order would show
+            assert len({r.tobytes() for r in want["reconstruction"]}) == len(want["reconstruction"])
 
 
 def test_uneven_slices_gather_to_rank_0_in_order(two_rank_run):
@@ -438,12 +452,13 @@ def test_local_launcher_runs_one_run_on_two_cpu_ranks(dirs):
     assert refused.returncode == 2 and "does not split into 2 equal rank slices" in refused.stderr
 
 
-def test_mq_refuses_an_outer_micro_batch_under_several_ranks(monkeypatch):
+def test_mq_refuses_an_outer_micro_batch_that_does_not_split_over_the_ranks(monkeypatch):
     from methods import MethodError, collective, create_method
 
-    quantizer = create_method("mq", dim=8, codebook_size=32, outer_micro_batch=4)
-    quantizer.setup_training(10)  # one process: fine
+    quantizer = create_method("mq", dim=8, codebook_size=32, outer_micro_batch=6)
     monkeypatch.setattr(collective, "distributed", lambda: True)
     monkeypatch.setattr(collective, "world_size", lambda: 2)
-    with pytest.raises(MethodError, match="outer_micro_batch=4 is not supported with 2 data-parallel ranks"):
+    quantizer.setup_training(10)  # 6 rows: 3 per rank
+    monkeypatch.setattr(collective, "world_size", lambda: 4)
+    with pytest.raises(MethodError, match="outer_micro_batch=6 does not split into 4 equal rank slices"):
         quantizer.setup_training(10)

@@ -62,7 +62,7 @@ def test_committed_study_files_expand_to_their_declared_grids():
 
     ablations = load_study(ROOT / "studies" / "mq-ablations.toml")
     by_arm = {c.arm: c.spec for c in ablations.cells() if c.seed == 0}
-    assert by_arm["mq (identity)"].method_options == {"hyper_net": "identity"}
+    assert by_arm["mq (identity)"].method_options == {"hyper_net": "identity", "latent_dim": 64}
     assert by_arm["mq (jvp)"].method_options == {"hypergrad": "jvp"}
     assert by_arm["mq-alt"].method == "mq-alt" and by_arm["mq"].method_options == {}
     assert ablations.reference_arm == "mq"
