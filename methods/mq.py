@@ -500,8 +500,13 @@ class MetaQuantizer(Quantizer):
         if self.hypergrad == "darts":
             darts = term
             if probe:
-                with undisturbed(ctx.model, direct[0].device):
-                    jvp = self.jvp_term(ctx, inner_images, v)
+                try:
+                    with undisturbed(ctx.model, direct[0].device):
+                        jvp = self.jvp_term(ctx, inner_images, v)
+                except (RuntimeError, NotImplementedError) as error:  # no forward-mode rule for a layer (the
+                    if "not implemented" not in str(error):  # VQGAN's CPU flash attention): no jvp probe, said so
+                        raise
+                    self.probe_every, jvp = 0, None
         else:
             jvp = term
             if probe:
