@@ -1,6 +1,7 @@
 """Building blocks of the definition tests, written independently of methods/: seeded inputs, the (B, C, H, W) <->
 rows reshapes and the nearest code by brute-force broadcasting (never methods.base.nearest_code)."""
 import torch
+from torch import nn
 
 D, K = 8, 16  # the code dimension and codebook size of the definition tests
 
@@ -26,3 +27,14 @@ def map_of(rows, like):
 def nearest(rows, codebook):
     """Nearest code by the full squared Euclidean distance, by broadcasting: (N, C), (K, C) -> (N,)."""
     return ((rows[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+class CallWith(nn.Module):
+    """Lets torch.func.functional_call swap a model's parameters for the duration of an arbitrary call."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(*args)

@@ -10,6 +10,7 @@ from bench.models import VQModel, build_model
 from bench.spec import RunSpec
 from methods import MethodError, TrainContext, create_method
 from torch import nn
+from tests.formulas import CallWith
 
 
 def tiny_model(method="mq", seed=0, double=False, **options):
@@ -192,17 +193,6 @@ def unrolled_hypergradient(inner_loss, outer_loss, theta, phi, inner_lr):
     updated = [t if g is None else t - inner_lr * g for t, g in zip(theta, grads)]
     out = torch.autograd.grad(outer_loss(updated), phi, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(phi, out)]
-
-
-class CallWith(nn.Module):
-    """Lets torch.func.functional_call swap a model's parameters for the duration of an arbitrary call."""
-
-    def __init__(self, model, fn):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def unrolled_gradient(q, ctx, inner_images, outer_images):

@@ -20,6 +20,7 @@ from bench.models import VQModel, build_model
 from bench.spec import RunSpec
 from methods import MethodError, TrainContext, collective, create_method
 from tests.conftest import ROOT
+from tests.formulas import CallWith
 
 # the default fd_radius: with the codes spread over the encoder's outputs (spread_codes), about a sixth of the tiny
 # model's 256 inner rows change code within theta +- eps v, some at + only, some at - only (checked below: the
@@ -92,15 +93,6 @@ def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-class Call(nn.Module):
-    def __init__(self, model, fn):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
 def reference(model, inner, outer, radius):
     """Every measured quantity of one outer evaluation of `model` (left untouched: the work is on a copy), from
     the definitions: v = grad_theta L_outer, eps = radius / |v|; codes k(t) = argmin_k |y_i(theta + t v) - C_k|
@@ -147,7 +139,7 @@ def reference(model, inner, outer, radius):
     k_minus, g_minus, _ = at(-eps)
     darts = (g_minus - g_plus) / (2 * eps)
 
-    wrapper = Call(m, lambda inputs: search_input())
+    wrapper = CallWith(m, lambda inputs: search_input())
     values = tuple(p.detach() for p in theta)
 
     def y_of(*thetas):
