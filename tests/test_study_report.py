@@ -45,7 +45,7 @@ def study(name="s", kind="grid", figure="scaling", reference_arm=None, select_me
 
 def make_cell(folder: Path, arm: str, method: str, seed: int, metrics: dict | None = None, *, point=None,
               phase="grid", trial=None, status="complete", effective_k=None, eval_split="test", projection=None,
-              **spec_values) -> tuple[Cell, dict]:
+              method_stats=None, **spec_values) -> tuple[Cell, dict]:
     """One cell and its record (written to folder/<experiment>/<run_id>.json, read back with its _path)."""
     point = dict(point or {})
     spec = RunSpec(method=method, seed=seed, experiment="study", steps=20,
@@ -57,6 +57,8 @@ def make_cell(folder: Path, arm: str, method: str, seed: int, metrics: dict | No
               "spec": {**spec.to_dict(), "eval_split": eval_split},  # bench/study.py's trials: eval_split "val"
               "metrics": values, "cost": {"train_s": 1.0}, "null_reasons": {}, "curves": [],
               "env": {"codebook_size": effective_k or spec.codebook_size}}
+    if method_stats is not None:
+        record["method_stats"] = method_stats
     if status == "diverged":
         record["divergence"] = {"step": 7, "last_finite_loss": 1.0}
     path = folder / "study" / f"{spec.run_id()}.json"
@@ -217,6 +219,30 @@ def test_ablation_differences_are_the_paired_t_intervals_computed_with_scipy(abl
         mean, low, high = t_interval([mse[arm, s] - mse["ste", s] for s in seeds])
         segment = fig_ax.collections[x].get_segments()[0]  # the error bar of arm x: (x, low) -> (x, high)
         assert np.allclose(segment, [[x, low], [x, high]], rtol=1e-6), arm
+
+
+def test_ablation_measurements_are_each_arms_method_stats_over_seeds_and_na_where_absent(tmp_path):
+    flips = {("mq", s): 0.03 + 0.011 * s * s for s in range(3)} | {("mq (jvp)", s): 0.07 - 0.005 * s for s in range(3)}
+    cells = [make_cell(tmp_path, "ste", "ste", s, {"mse": 0.05}) for s in range(3)]  # no method_stats at all
+    for (arm, seed), flip in flips.items():
+        options = {"hypergrad": "jvp"} if arm == "mq (jvp)" else {}
+        cells.append(make_cell(tmp_path, arm, "mq", seed, {"mse": 0.04}, method_options=options,
+                               method_stats={"flip_fraction": flip, "darts_norm": 0.1 * (seed + 1)}))
+    studies.build_study_report(study(figure="ablation", reference_arm="ste"), cells, tmp_path / "report",
+                               figures=False)
+    table = pd.read_csv(tmp_path / "report" / "measurements.csv")
+    for arm in ("mq", "mq (jvp)"):
+        values = [flips[arm, s] for s in range(3)]
+        row = table[(table["method"] == arm) & (table["metric"] == "flip_fraction")].iloc[0]
+        assert (row["mean"], row["std"], row["n"]) == (pytest.approx(statistics.mean(values), rel=1e-5),
+                                                       pytest.approx(statistics.stdev(values), rel=1e-5), 3)
+        darts = table[(table["method"] == arm) & (table["metric"] == "darts_norm")].iloc[0]
+        assert darts["mean"] == pytest.approx(0.2, rel=1e-5)
+    ste = table[table["method"] == "ste"]
+    assert (ste["n"] == 0).all() and set(ste["metric"]) == {"flip_fraction", "darts_norm"}
+    markdown = (tmp_path / "report" / "measurements.md").read_text()
+    ste_line = next(line for line in markdown.splitlines() if line.startswith("| ste "))
+    assert ste_line.count("n/a") == 2
 
 
 def test_an_ablation_over_a_grid_axis_gets_tables_per_point_never_averaged_over_points(tmp_path):

@@ -13,8 +13,9 @@ What is written depends on `study.figure`:
   to the largest seed's value). Where a run's effective K (record env.codebook_size; FSQ's product of levels)
   differs from its nominal K, a note says so; the figure plots it at the nominal K.
 - "ablation": tables `quality` (mean ± std over seeds, bench.report.tables.summary_table) and `differences`
-  (each arm minus the reference arm, paired by seed, 95% t-interval: tables.differences_table), and figure
-  `ablation`: per metric (MSE, rFID, perplexity, usage) the arms' means with one dot per seed, and below it
+  (each arm minus the reference arm, paired by seed, 95% t-interval: tables.differences_table), `measurements`
+  where runs carry method_stats (each key's run mean, mean ± std over seeds: MQ's flip fraction and norms), and
+  figure `ablation`: per metric (MSE, rFID, perplexity, usage) the arms' means with one dot per seed, and below it
   each arm's paired difference to the reference with its 95% t-interval.
 - "tuned": figure `tuning` (the validation metric of every trial, one panel per method, the winner from
   selection.json marked, diverged trials drawn at the top of the panel as a red x), table `tuned_vs_default`
@@ -64,8 +65,8 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
 BAND_NOTE = "figure: line the mean over seeds, band from the smallest to the largest seed's value (min-max)"
 PCA_KEYS = ("pca_features", "pca_codes", "pca_used", "pca_explained")
-STUDY_STEMS = ("scaling", "quality", "differences", "tuned_vs_default", "final", "final_differences", "ablation",
-               "tuning", "codebook_features")
+STUDY_STEMS = ("scaling", "quality", "differences", "measurements", "tuned_vs_default", "final", "final_differences",
+               "ablation", "tuning", "codebook_features")
 
 
 # --- the cells as a runs frame ---------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ def study_frame(cells_with_records, results: str | Path | None = None) -> tuple[
     """-> (runs, records by path, cells without a record). runs has one row per cell with a record, in the
     columns bench.report.tables reads (method = the arm, base_method = the registered method, experiment,
     dataset, seed, path, status, diverged_step, metrics.*) plus phase, trial, point (the axes' values as a dict),
-    point.NAME per axis, nominal_k (spec.codebook_size), effective_k (env.codebook_size) and eval_split."""
+    point.NAME per axis, nominal_k (spec.codebook_size), effective_k (env.codebook_size), eval_split and
+    stats.KEY per key of the record's method_stats (a method's own training measurements: MQ's finite difference)."""
     rows, records, missing = [], {}, []
     for cell, record in cells_with_records:
         spec = cell.spec
@@ -98,7 +100,8 @@ def study_frame(cells_with_records, results: str | Path | None = None) -> tuple[
         rows.append({**base, "path": path, "status": record.get("status", "complete"),
                      "diverged_step": (record.get("divergence") or {}).get("step"),
                      "effective_k": env.get("codebook_size"), "eval_split": split,
-                     **{f"metrics.{k}": v for k, v in (record.get("metrics") or {}).items()}})
+                     **{f"metrics.{k}": v for k, v in (record.get("metrics") or {}).items()},
+                     **{f"stats.{k}": v for k, v in (record.get("method_stats") or {}).items()}})
         records[path] = record
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -290,6 +293,19 @@ def scaling_figure(runs: pd.DataFrame, axis: str, title: str) -> Figure | str:
 
 
 # --- ablation ---------------------------------------------------------------------------------------------------
+
+def measurements_table(runs: pd.DataFrame) -> Table | None:
+    """The methods' own training measurements (record method_stats: run means), mean ± std over seeds per arm;
+    None where no run has any. An arm whose runs predate the measurements reads n/a."""
+    keys = sorted(c for c in runs.columns if c.startswith("stats.") and runs[c].notna().any())
+    if not keys:
+        return None
+    metrics = [Metric(key, key.split(".", 1)[1], 0, 4) for key in keys]
+    table = summary_table(runs, metrics, "measurements", "the methods' training measurements (method_stats: run "
+                                                          "means), mean ± std over seeds")
+    table.notes.append("n/a: the arm's records carry no such measurement (the method has none, or its runs predate it)")
+    return table
+
 
 def ablation_figure(runs: pd.DataFrame, reference: str, title: str) -> Figure | str:
     """Top row: each arm's mean (bar) and seeds (dots) per metric; bottom row: each arm minus the reference,
@@ -680,6 +696,10 @@ def build_study_report(study, cells_with_records, out_dir: str | Path, *, select
                 if differences is not None:
                     differences.name, differences.title = differences.name + suffix, differences.title + at
                     tables.append(differences)
+                measured = measurements_table(here)
+                if measured is not None:
+                    measured.name, measured.title = measured.name + suffix, measured.title + at
+                    tables.append(measured)
                 plots.append((f"ablation{suffix}", lambda r=here, a=reference, t=title + at: ablation_figure(r, a, t)))
     elif study.figure == "tuned":
         metric = METRIC.get(getattr(study, "select_metric", "mse"), METRIC["mse"])
@@ -751,6 +771,7 @@ def remove_stale_study(folder: Path, written: list[Path]) -> None:
     """Delete what an earlier study report wrote into folder and this one did not (only the report's names)."""
     keep = set(written)
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        ours = path.stem in STUDY_STEMS or path.stem.startswith(("quality_", "differences_", "ablation_"))
+        ours = path.stem in STUDY_STEMS or path.stem.startswith(
+            ("quality_", "differences_", "measurements_", "ablation_"))
         if path.is_file() and ours and path.suffix in (".md", ".tex", ".csv", ".png", ".pdf") and path not in keep:
             path.unlink()
