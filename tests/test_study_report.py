@@ -45,7 +45,7 @@ def study(name="s", kind="grid", figure="scaling", reference_arm=None, select_me
 
 def make_cell(folder: Path, arm: str, method: str, seed: int, metrics: dict | None = None, *, point=None,
               phase="grid", trial=None, status="complete", effective_k=None, eval_split="test", projection=None,
-              method_stats=None, **spec_values) -> tuple[Cell, dict]:
+              method_stats=None, curves=None, **spec_values) -> tuple[Cell, dict]:
     """One cell and its record (written to folder/<experiment>/<run_id>.json, read back with its _path)."""
     point = dict(point or {})
     spec = RunSpec(method=method, seed=seed, experiment="study", steps=20,
@@ -55,7 +55,7 @@ def make_cell(folder: Path, arm: str, method: str, seed: int, metrics: dict | No
         values.update(metrics or {})
     record = {"experiment": "study", "run_id": spec.run_id(), "status": status,
               "spec": {**spec.to_dict(), "eval_split": eval_split},  # bench/study.py's trials: eval_split "val"
-              "metrics": values, "cost": {"train_s": 1.0}, "null_reasons": {}, "curves": [],
+              "metrics": values, "cost": {"train_s": 1.0}, "null_reasons": {}, "curves": curves or [],
               "env": {"codebook_size": effective_k or spec.codebook_size}}
     if method_stats is not None:
         record["method_stats"] = method_stats
@@ -333,6 +333,31 @@ def test_without_selection_json_the_winner_is_rebuilt_from_the_trial_records_and
     assert table.loc["ste", "winner"] == 3  # the lowest validation MSE of ste's finished trials
     assert table.loc["ema", "winner"] == 2
     assert any("no selection.json" in n for n in notes)
+
+
+def test_convergence_is_each_final_curve_over_its_end_value_averaged_over_seeds(tmp_path):
+    shapes = {"ste": [[2.0, 1.5, 1.2, 1.04, 1.0], [2.4, 1.7, 1.3, 1.06, 1.0], [1.9, 1.4, 1.1, 1.03, 1.0]],
+              "ema": [[1.3, 1.08, 1.06, 1.01, 1.0], [1.2, 1.02, 1.01, 1.0, 1.0], [1.4, 1.03, 1.02, 1.02, 1.0]]}
+    steps = [100, 200, 300, 400, 500]
+    cells = [make_cell(tmp_path, "ste", "ste", 0, {"mse": 0.5}, phase="trial", trial=0, eval_split="val",
+                       curves=[{"step": s, "mse": 9.0} for s in steps])]  # a trial: not in the table
+    for method, curves in shapes.items():
+        for seed, ratios in enumerate(curves):
+            end = 0.01 * (seed + 1)  # each run's own end value: the ratios must not depend on it
+            curve = [{"step": s, "train_s": float(s), "mse": r * end, "usage": 0.1} for s, r in zip(steps, ratios)]
+            cells.append(make_cell(tmp_path, method, method, seed, {"mse": end}, phase="final", curves=curve))
+    selection = {"metric": "mse", "methods": {m: {"winner": 0, "trials": []} for m in shapes}}
+    studies.build_study_report(study(kind="tune", figure="tuned"), cells, tmp_path / "report", selection=selection,
+                               figures=False)
+    table = pd.read_csv(tmp_path / "report" / "convergence.csv")
+    for method, curves in shapes.items():
+        mine = table[table["method"] == method].set_index("step")
+        expected = [statistics.mean(c[i] for c in curves) for i in range(len(steps))]
+        assert mine["ratio_to_end"].tolist() == pytest.approx(expected, rel=1e-5)
+        flat = next(s for i, s in enumerate(steps) if all(abs(e - 1) <= 0.05 for e in expected[i:]))
+        assert (mine["flat_from"] == flat).all() and (mine["seeds"] == 3).all()
+    assert table[table["method"] == "ste"]["flat_from"].iloc[0] == 400  # ema flattens earlier: 200
+    assert table[table["method"] == "ema"]["flat_from"].iloc[0] == 200
 
 
 # --- the projection ----------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ What is written depends on `study.figure`:
   (per method: the default trial's and the winner's validation metric and the winning settings; where final-
   and default-phase test records exist, test MSE and rFID of both with the paired difference tuned - default
   and its 95% t-interval), table `final` (test metrics of the tuned settings on the final seeds, mean ± std,
-  the best in bold) and `final_differences` (each method minus the reference, paired by seed).
+  the best in bold), `final_differences` (each method minus the reference, paired by seed) and `convergence` (the
+  final runs' validation MSE curves divided by their end value, mean over seeds, and the step from which each
+  stays within 5% of it: where the curves flatten).
 - every study: figure `codebook_features`, the encoder's features of a few test images and the K codes on the
   features' first two principal components (bench/projection.py; stored in the run's .samples.npz under
   "pca_*"), used and dead codes marked differently. One run per arm: seed 0 (else the smallest seed) of the
@@ -66,7 +68,7 @@ HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
 BAND_NOTE = "figure: line the mean over seeds, band from the smallest to the largest seed's value (min-max)"
 PCA_KEYS = ("pca_features", "pca_codes", "pca_used", "pca_explained")
 STUDY_STEMS = ("scaling", "quality", "differences", "measurements", "tuned_vs_default", "final", "final_differences",
-               "ablation", "tuning", "codebook_features")
+               "convergence", "ablation", "tuning", "codebook_features")
 
 
 # --- the cells as a runs frame ---------------------------------------------------------------------------------
@@ -515,6 +517,45 @@ def tuned_table(selection: dict, runs: pd.DataFrame, metric: Metric) -> Table:
                  notes, text_columns=2)
 
 
+FLAT_WITHIN = 0.05  # a curve counts as flat from the first evaluation after which it stays within 5% of its end
+
+
+def convergence_table(runs: pd.DataFrame, records: dict, phase: str = "final") -> Table | None:
+    """Per method: the validation MSE curve of the phase's runs (record curves, evaluated every eval_every steps)
+    divided by its value at the run's last evaluation, mean over seeds, one column per step; and the first step
+    from which the mean ratio stays within FLAT_WITHIN of 1 ("flat from"). None without curves."""
+    mine = runs[(runs["phase"] == phase) & ~diverged(runs)] if not runs.empty else runs
+    ratios: dict[str, list[dict[int, float]]] = {}
+    for method, path in zip(mine.get("base_method", []), mine.get("path", [])):
+        points = {int(row["step"]): row["mse"] for row in (records.get(path) or {}).get("curves") or []
+                  if row.get("mse") is not None and math.isfinite(row["mse"])}
+        if len(points) < 2 or not points[max(points)] > 0:
+            continue
+        end = points[max(points)]
+        ratios.setdefault(method, []).append({step: value / end for step, value in points.items()})
+    if not ratios:
+        return None
+    steps = sorted({step for runs_of in ratios.values() for curve in runs_of for step in curve})
+    rows, bold, data = [], [], []
+    for method in sorted(ratios):
+        means = {step: float(np.mean([c[step] for c in ratios[method] if step in c]))
+                 for step in steps if any(step in c for c in ratios[method])}
+        flat = next((step for step in sorted(means) if all(abs(means[later] - 1) <= FLAT_WITHIN
+                                                          for later in means if later >= step)), None)
+        rows.append([method, str(len(ratios[method]))] + [fmt(means.get(step), 3) for step in steps]
+                    + [str(flat) if flat is not None else "n/a"])
+        bold.append([False] * (len(steps) + 3))
+        data += [{"method": method, "step": step, "ratio_to_end": value, "seeds": len(ratios[method]),
+                  "flat_from": flat} for step, value in means.items()]
+    notes = [f"validation MSE at each evaluation divided by the same run's value at its last evaluation, mean over "
+             f"the {phase} runs' seeds (1.000 at the end); flat from: the first step after which the mean stays "
+             f"within {FLAT_WITHIN:.0%} of the end value (the cosine learning rate reaches 0 at the end, which "
+             "flattens every curve; a large ratio shortly before the end says more steps would still help)"]
+    return Table("convergence", f"validation curves of the {phase} runs relative to their end",
+                 ["method", "seeds"] + [f"step {step}" for step in steps] + ["flat from"], rows, bold,
+                 pd.DataFrame(data), notes)
+
+
 def split_notes(runs: pd.DataFrame) -> list[str]:
     """Records whose evaluation split is not the one their phase needs (trials: val; final/default: test)."""
     if runs.empty or "eval_split" not in runs:
@@ -731,6 +772,7 @@ def build_study_report(study, cells_with_records, out_dir: str | Path, *, select
                     differences.name = "final_differences"
                     differences.title = f"tuned settings: differences to {reference} (paired by seed)"
                     tables.append(differences)
+            tables.append(convergence_table(runs, records))
         notes += split_notes(runs)
     else:
         notes.append(f"unknown study figure {study.figure!r}: only the codebook figure is drawn")
