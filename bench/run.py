@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             distributed.collective_timeout()
         main_rank = distributed.environment_rank() == 0
         out, scratch = Path(args.out), Path(args.scratch)
-        warn_about(specs)
+        if main_rank:  # under torchrun every rank parses the same grid: one warning is enough
+            warn_about(specs)
         with writable_folders({"--out": out, "--scratch": scratch}):
             check_buildable(specs)
         options = {**vars(args), "cluster_flags": cluster_flags(args)}
