@@ -308,13 +308,16 @@ def find_record(study: Study, cell: Cell, out: Path) -> Path | None:
 
 
 def estimate_seconds(cell: Cell, done: list[dict]) -> float | None:
-    """A cell's wall time from finished records of the same method (seconds per step x steps, plus the mean
-    evaluation time of runs with the same fid setting); None where no record of the method exists."""
+    """A cell's wall time from finished records of the same method (seconds per step x steps, plus the median
+    evaluation time of runs with the same fid setting), from those at the cell's codebook size where there are
+    any (a K = 16384 step costs several K = 256 steps); None where no record of the method exists."""
     same_method = [r for r in done if r["spec"]["method"] == cell.method and r["cost"].get("train_s")]
     if not same_method:
         return None
-    per_step = statistics.median(r["cost"]["train_s"] / max(r["spec"]["steps"], 1) for r in same_method)
-    evals = [r["cost"].get("eval_s") or 0.0 for r in same_method if r["spec"].get("fid") == cell.spec.fid]
+    same_k = [r for r in same_method if r["spec"].get("codebook_size") == cell.spec.codebook_size]
+    pool = same_k or same_method
+    per_step = statistics.median(r["cost"]["train_s"] / max(r["spec"]["steps"], 1) for r in pool)
+    evals = [r["cost"].get("eval_s") or 0.0 for r in pool if r["spec"].get("fid") == cell.spec.fid]
     return per_step * cell.spec.steps + (statistics.median(evals) if evals else 0.0)
 
 

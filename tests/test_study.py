@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench import UserError
-from bench.study import LR_SPACE, Study, load_study, run_study, selection_path, study_dir, write_study_report
+from bench.study import (LR_SPACE, Study, estimate_seconds, load_study, run_study, selection_path, study_dir,
+                         write_study_report)
 from methods import list_methods, method_options, search_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,23 @@ def test_committed_study_files_expand_to_their_declared_grids():
     trials = tuned.cells()
     assert all(c.phase == "trial" and c.spec.eval_split == "val" for c in trials)
     assert len(trials) == len(registered()) * tuned.trials * len(tuned.trial_seeds)
+
+
+def test_the_dry_run_estimate_uses_the_records_at_the_cells_codebook_size_where_there_are_any():
+    scaling = load_study(ROOT / "studies" / "scaling.toml")
+    cell = next(c for c in scaling.cells() if c.method == "ste" and c.spec.codebook_size == 4096)
+
+    def record(k, per_step, eval_s, fid=False, method="ste", steps=100):
+        return {"spec": {"method": method, "codebook_size": k, "steps": steps, "fid": fid},
+                "cost": {"train_s": per_step * steps, "eval_s": eval_s}}
+
+    done = [record(256, 0.1, 4.0), record(256, 0.1, 4.0), record(4096, 0.5, 6.0), record(4096, 0.7, 8.0, steps=50),
+            record(4096, 0.6, 90.0, fid=True), record(4096, 9.0, 1.0, method="ema")]
+    # median of 0.5, 0.7 and 0.6 s per step at K = 4096 (never the K = 256 or ema records); eval: non-fid median
+    assert estimate_seconds(cell, done) == pytest.approx(0.6 * cell.spec.steps + 7.0)
+    other_k = next(c for c in scaling.cells() if c.method == "ste" and c.spec.codebook_size == 1024)
+    assert estimate_seconds(other_k, done) == pytest.approx(0.5 * other_k.spec.steps + 5.0)  # no K = 1024: all ste's
+    assert estimate_seconds(next(c for c in scaling.cells() if c.method == "fsq"), done) is None
 
 
 def test_trials_are_the_defaults_then_distinct_draws_from_the_declared_space(tmp_path):
