@@ -138,7 +138,7 @@ def test_scaling_figure_lines_are_the_means_and_bands_span_min_to_max(scaling):
     runs, _, _ = studies.study_frame(cells)
     runs = runs.assign(axis_value=runs["point.codebook_size"])
     fig = studies.scaling_figure(runs, "codebook_size", "t")
-    mse_ax = fig.axes[2]
+    mse_ax = fig.axes[2]  # usage, perplexity, MSE, rFID: all four have values here
     line = next(l for l in mse_ax.get_lines() if l.get_label() == "fsq")
     sizes = sorted(SIZES)
     assert list(line.get_xdata()) == sizes
@@ -150,6 +150,19 @@ def test_scaling_figure_lines_are_the_means_and_bands_span_min_to_max(scaling):
         at = vertices[np.isclose(vertices[:, 0], k)][:, 1]
         mses = [r["mse"] for r in values["fsq", k]]
         assert (at.min(), at.max()) == (pytest.approx(min(mses)), pytest.approx(max(mses))), k
+
+
+def test_a_scaling_study_without_rfid_draws_one_row_of_the_other_three_and_says_so(scaling):
+    folder, cells, values = scaling
+    runs, _, _ = studies.study_frame(cells)
+    runs = runs.drop(columns=["metrics.rfid"]).assign(**{"metrics.rfid": None})
+    fig = studies.scaling_figure(runs, "codebook_size", "t")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["test usage (higher is better)",
+                                                     "test perplexity (higher is better)",
+                                                     "test MSE (lower is better)"]
+    assert "rFID not measured" in fig._suptitle.get_text()
+    line = next(l for l in fig.axes[2].get_lines() if l.get_label() == "ste")
+    assert np.allclose(line.get_ydata(), [statistics.mean(r["mse"] for r in values["ste", k]) for k in sorted(SIZES)])
 
 
 def test_a_second_grid_axis_splits_the_arms_instead_of_averaging_them(tmp_path):

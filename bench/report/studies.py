@@ -9,8 +9,9 @@ What is written depends on `study.figure`:
 
 - "scaling": table `scaling` (arm x value of the grid axis, e.g. K, for usage, perplexity, MSE and rFID:
   mean ± std over seeds, the best arm of each column in bold) and figure `scaling` (2 x 2 panels of those four
-  metrics against the axis on a log2 scale, one line per arm: the mean over seeds, the band from the smallest
-  to the largest seed's value). Where a run's effective K (record env.codebook_size; FSQ's product of levels)
+  metrics against the axis on a log2 scale, or one row of those with values when rFID is off; one line per arm:
+  the mean over seeds, the band from the smallest to the largest seed's value; usage on a log axis where it
+  spans more than 20x). Where a run's effective K (record env.codebook_size; FSQ's product of levels)
   differs from its nominal K, a note says so; the figure plots it at the nominal K.
 - "ablation": tables `quality` (mean ± std over seeds, bench.report.tables.summary_table) and `differences`
   (each arm minus the reference arm, paired by seed, 95% t-interval: tables.differences_table), `measurements`
@@ -246,17 +247,20 @@ def log_axis(ax, values: list, axis: str = "x") -> None:
 
 
 def scaling_figure(runs: pd.DataFrame, axis: str, title: str) -> Figure | str:
-    """2 x 2 panels (usage, perplexity, MSE, rFID) against the axis: per arm the mean over finished seeds, and a
-    band from the smallest to the largest seed's value."""
+    """2 x 2 panels (usage, perplexity, MSE, rFID) against the axis, or one row of those with values (a study with
+    rFID off, said in the title): per arm the mean over finished seeds, and a band from the smallest to the
+    largest seed's value."""
     runs = runs.assign(axis_value=runs[f"point.{axis}"])
-    if all(values_of(runs, m).isna().all() for m in SCALING_METRICS):
-        return "no run has usage, perplexity, MSE or rFID"
     label = AXIS_LABELS.get(axis, axis)
     values, styles = axis_values(runs, axis), arm_styles(runs)
+    shown = [m for m in SCALING_METRICS if values_of(runs, m).notna().any()]  # rFID is off in CPU studies
+    absent = [m.label for m in SCALING_METRICS if m not in shown]
+    if not shown:
+        return "no run has usage, perplexity, MSE or rFID"
     with fixed_style():
-        fig = Figure(figsize=(9.5, 6.4), layout="constrained")
-        axes = fig.subplots(2, 2).ravel()
-        for ax, metric in zip(axes, SCALING_METRICS):
+        fig = Figure(figsize=(9.5, 6.4) if len(shown) == 4 else (4.6 * len(shown) + 1.6, 3.8), layout="constrained")
+        axes = fig.subplots(2, 2).ravel() if len(shown) == 4 else fig.subplots(1, len(shown), squeeze=False).ravel()
+        for ax, metric in zip(axes, shown):
             drawn = False
             for arm, (colour, linestyle, marker, _) in styles.items():
                 stats = []
@@ -280,6 +284,10 @@ def scaling_figure(runs: pd.DataFrame, axis: str, title: str) -> Figure | str:
                         linewidth=0.8, label="K (every code equally used)")
                 ax.set_yscale("log", base=2)
                 ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            elif metric.name == "usage":  # from 1/K (collapse) to 1: collapsed arms stay apart on a log axis
+                shown_values = values_of(runs, metric).dropna()
+                if (shown_values > 0).all() and shown_values.max() / shown_values.min() > 20:
+                    ax.set_yscale("log")
             log_axis(ax, values)
             ax.set_xlabel(label)
             ax.set_ylabel(f"test {metric.label} ({'higher' if metric.better > 0 else 'lower'} is better)")
@@ -290,7 +298,8 @@ def scaling_figure(runs: pd.DataFrame, axis: str, title: str) -> Figure | str:
                     handles.append(h)
                     labels.append(l)
         fig.legend(handles, labels, loc="outside right upper")
-        fig.suptitle(f"{title}: against {label}\nline: mean over seeds; band: min-max over seeds")
+        fig.suptitle(f"{title}: against {label}\nline: mean over seeds; band: min-max over seeds"
+                     + (f" ({', '.join(absent)} not measured)" if absent else ""))
     return fig
 
 
