@@ -633,9 +633,12 @@ def codebook_figure(runs: pd.DataFrame, axis: str | None, title: str) -> tuple[F
     if figure == "scaling":
         arms = sorted({run.method for run, _ in panels})
         values = sorted({run.axis_value for run, _ in panels}, key=float)
-        place = {(run.method, run.axis_value): (arms.index(run.method), values.index(run.axis_value))
+        # an arm's panels side by side, as many arms to a line as fit in about four panels: a page, not a scroll
+        arms_per_line = max(1, 4 // len(values))
+        place = {(run.method, run.axis_value): divmod(arms.index(run.method), arms_per_line)
                  for run, _ in panels}
-        lines, columns = len(arms), len(values)
+        place = {key: (line, slot * len(values) + values.index(key[1])) for key, (line, slot) in place.items()}
+        lines, columns = math.ceil(len(arms) / arms_per_line), arms_per_line * len(values)
         position = lambda run: place[run.method, run.axis_value]  # noqa: E731
     else:
         columns = min(4, len(panels))
@@ -675,8 +678,8 @@ def codebook_figure(runs: pd.DataFrame, axis: str | None, title: str) -> tuple[F
                           label="used code (arm's colour)"),
                    Line2D([], [], marker="x", linestyle="", color="black",
                           label="dead code (unused on the test split)")]
-        fig.legend(handles=handles, loc="outside lower center", ncols=3)
-        fig.suptitle(f"{title}: codebook versus features (first two principal components of the features)")
+        fig.legend(handles=handles, loc="outside lower center", ncols=3 if columns > 1 else 1)
+        fig.suptitle(f"{title}: codebook versus features\n(first two principal components of the features)")
     notes.append("codebook_features: one run per arm" + (" at the smallest and at the largest "
                                                           f"{AXIS_LABELS.get(axis, axis)}" if axis else "")
                  + ": seed 0, else the smallest seed" + (", of the final (tuned) runs" if (runs["phase"] == "final")
