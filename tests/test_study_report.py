@@ -160,7 +160,7 @@ def test_a_scaling_study_without_rfid_draws_one_row_of_the_other_three_and_says_
     assert [ax.get_ylabel() for ax in fig.axes] == ["test usage (higher is better)",
                                                      "test perplexity (higher is better)",
                                                      "test MSE (lower is better)"]
-    assert "rFID not measured" in fig._suptitle.get_text()
+    assert "rFID not measured" in fig.get_suptitle()
     line = next(l for l in fig.axes[2].get_lines() if l.get_label() == "ste")
     assert np.allclose(line.get_ydata(), [statistics.mean(r["mse"] for r in values["ste", k]) for k in sorted(SIZES)])
 
