@@ -13,3 +13,33 @@ def test_the_layout_section_lists_every_module_once():
     named = [entry for entry in listed if entry.endswith(".py")]
     assert sorted(named) == modules
     assert len(named) == len(set(named))
+
+
+def test_the_tuned_table_shows_the_committed_reports_numbers():
+    """Every row of the README's tuned table: MSE, rFID and the paired differences to ema as the study report has them
+    (results/studies/tuned/report/*.csv), at the printed precision; a regenerated report with other numbers fails."""
+    import pandas as pd
+
+    report = ROOT / "results" / "studies" / "tuned" / "report"
+    final = pd.read_csv(report / "final.csv").set_index(["method", "metric"])["mean"]
+    differences = pd.read_csv(report / "final_differences.csv").set_index(["method", "metric"])
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### The tuned comparison"):text.index("## SLURM")]
+    rows = [line for line in section.splitlines() if re.match(r"\| `[\w-]+` \|", line)]
+    assert sorted(re.match(r"\| `([\w-]+)`", row).group(1) for row in rows) == sorted(final.index.levels[0])
+    for row in rows:
+        raw = [cell.strip() for cell in row.strip("|").split("|")]
+        cells = [cell.strip("*") for cell in raw]
+        method = cells[0].strip("`")
+        assert cells[1].split(" ± ")[0] == f"{final[(method, 'mse')]:.5f}", row
+        assert cells[2].split(" ± ")[0] == f"{final[(method, 'rfid')]:.1f}", row
+        for column, metric, digits in ((4, "mse", 4), (5, "rfid", 1)):
+            cell = cells[column]
+            if method == "ema":
+                assert cell == "(reference)"
+                continue
+            d = differences.loc[(method, metric)]
+            assert d["reference"] == "ema"
+            shown = f"{d['mean_difference']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+            assert cell == shown, row
+            assert raw[column].startswith("**") == bool(d["excludes_zero"]), row  # bold: the interval excludes 0
